@@ -1,0 +1,730 @@
+"""Parallel Q-Learning (PQL), the whole algorithm in one file.
+
+Li, Chen, Agrawal et al., "Parallel Q-Learning: Scaling Off-policy Reinforcement Learning
+under Massively Parallel Simulation", ICML 2023 (arXiv 2307.12983).
+
+PQL has three roles:
+  * the actor steps thousands of environments at once with the current policy plus
+    "mixed" exploration noise and writes the transitions into a replay buffer on the device;
+  * the V-learner samples that buffer and trains a twin Q critic (clipped double Q, n-step
+    returns, a Polyak-averaged target critic);
+  * the P-learner trains a deterministic tanh policy to maximise the critic.
+Two ratios tie them together: `v_updates_per_env_step` (the paper's beta_a:v, 1:8) and
+`v_updates_per_p_update` (beta_p:v, 1:2). Each role works on its own copies of the other roles'
+networks, refreshed as they train.
+
+In this file the three roles take turns in one thread, which is easy to read and to debug;
+pql_threaded.py runs the same code with the roles in parallel. The two files share everything
+but the parallelism, line for line (tests/test_shared_code.py checks it).
+
+    python pql.py --num-envs 4096                     # the default task, on the GPU if there is one
+    python pql.py --eval-checkpoint runs/<run>/model.pt
+"""
+import sys
+
+# Isaac Gym must be imported before torch (it raises otherwise), so look at the command line first.
+if any("isaacgym:" in arg for arg in sys.argv):
+    import isaacgym  # noqa: F401
+
+import copy
+import dataclasses
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import envs
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = "pql"
+    """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
+    task: str = "Pendulum"
+    """a task of envs.py: a built-in one (`python envs.py` lists them), `gym:<id>` or `isaacgym:<Task>`"""
+    num_envs: int = 4096
+    """number of environments stepped together by the actor"""
+    seed: int = 1
+    """seed of the environments, the networks and the sampling"""
+    device: str = "auto"
+    """`auto` (CUDA if present), `cpu`, `cuda` or `cuda:N`"""
+    total_timesteps: int = 20_000_000
+    """budget of environment steps, summed over all environments"""
+    max_time: float = 3600.0
+    """budget of wall-clock seconds for training"""
+
+    # --- algorithm (defaults of the public PQL code) ---
+    batch_size: int = 8192
+    """transitions per V-learner and P-learner update"""
+    buffer_size: int = 5_000_000
+    """replay buffer capacity in transitions, summed over all environments, kept on the device"""
+    nstep: int = 3
+    """length of the n-step returns"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.05
+    """target critic update rate, applied after every V-update"""
+    critic_lr: float = 5e-4
+    """learning rate of the critic (AdamW)"""
+    actor_lr: float = 5e-4
+    """learning rate of the policy (AdamW)"""
+    max_grad_norm: float = 0.5
+    """gradient norm clip of both networks"""
+    hidden_dims: Tuple[int, ...] = (512, 256, 128)
+    """hidden layer sizes of both networks, e.g. `--hidden-dims 64 64`"""
+    warmup_iterations: int = 32
+    """iterations (env steps of all envs) of uniform random actions before learning starts"""
+    v_updates_per_env_step: int = 8
+    """V-learner updates per env step of all environments (the paper's beta_a:v = 1:8)"""
+    v_updates_per_p_update: int = 2
+    """V-learner updates per P-learner update (the paper's beta_p:v = 1:2)"""
+    std_min: float = 0.05
+    """smallest exploration noise std (mixed exploration: env i uses its own std, spread evenly)"""
+    std_max: float = 0.8
+    """largest exploration noise std"""
+    target_policy_noise: float = 0.8
+    """std of the noise added to target actions (target policy smoothing)"""
+    target_noise_clip: float = 0.2
+    """the target action noise is clipped to +- this"""
+    obs_clip: float = 5.0
+    """normalized observations are clamped to +- this"""
+    reward_scale: Optional[float] = None
+    """rewards are multiplied by this before learning; default: per task (see DEFAULT_REWARD_SCALES), else 1"""
+    timeouts_as_terminal: bool = False
+    """treat time-limit ends as terminal (the public code's behaviour) instead of bootstrapping through them"""
+    distributional: bool = False
+    """PQL-D: twin categorical (C51) critics over a fixed support instead of scalar ones"""
+    num_atoms: int = 51
+    """PQL-D: number of atoms of the support"""
+    v_min: float = -10.0
+    """PQL-D: smallest value of the support (scale rewards with --reward-scale so returns fit)"""
+    v_max: float = 10.0
+    """PQL-D: largest value of the support"""
+
+    # --- logging, checkpoints, evaluation ---
+    log_interval: int = 10
+    """iterations between logs; the only place where values are copied from the device"""
+    save_interval: float = 300.0
+    """seconds between checkpoints (one is also written at the end and on Ctrl-C)"""
+    eval_checkpoint: Optional[str] = None
+    """evaluate this checkpoint (a model.pt) with the deterministic policy instead of training"""
+    eval_episodes: int = 10
+    """number of episodes for --eval-checkpoint"""
+
+
+# Per-task reward scales (--reward-scale overrides them). With gamma = 0.99 returns are ~100x the
+# per-step reward; these keep them within PQL-D's default support [-10, 10] and the scalar critic's
+# values in a sane range. The Isaac Gym ones are the public code's.
+DEFAULT_REWARD_SCALES = {
+    "Pendulum": 0.01,  # rewards in [-16.3, 0] per step
+    "CartpoleSwingup": 0.1,  # rewards in [0, 1]
+    "Reacher": 0.1,  # rewards ~ -(distance + control) >= -0.6
+    "isaacgym:Ant": 0.01,
+    "isaacgym:Humanoid": 0.01,
+    "isaacgym:AllegroHand": 0.01,
+    "isaacgym:ShadowHand": 0.01,
+    "isaacgym:FrankaCubeStack": 0.1,
+    "isaacgym:BallBalance": 0.1,
+    "isaacgym:Anymal": 1.0,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def validate_args(args):
+    """Fail before any work starts, naming the flag and the allowed values."""
+    checks = [
+        (args.num_envs >= 1, "--num-envs must be >= 1"),
+        (args.total_timesteps >= 1, "--total-timesteps must be >= 1"),
+        (args.max_time > 0, "--max-time must be > 0 seconds"),
+        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (args.buffer_size >= args.num_envs,
+         f"--buffer-size ({args.buffer_size}) must be >= --num-envs ({args.num_envs}): one row per env at least"),
+        (args.batch_size <= args.buffer_size,
+         f"--batch-size ({args.batch_size}) must be <= --buffer-size ({args.buffer_size})"),
+        (args.nstep >= 1, "--nstep must be >= 1"),
+        (0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
+        (0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
+        (args.critic_lr > 0, "--critic-lr must be > 0"),
+        (args.actor_lr > 0, "--actor-lr must be > 0"),
+        (args.max_grad_norm > 0, "--max-grad-norm must be > 0"),
+        (len(args.hidden_dims) >= 1 and min(args.hidden_dims) >= 1,
+         "--hidden-dims needs at least one layer, each of size >= 1"),
+        (args.warmup_iterations >= 0, "--warmup-iterations must be >= 0"),
+        (args.v_updates_per_env_step >= 1, "--v-updates-per-env-step must be >= 1"),
+        (args.v_updates_per_p_update >= 1, "--v-updates-per-p-update must be >= 1"),
+        (0.0 <= args.std_min <= args.std_max,
+         f"--std-min ({args.std_min}) must be >= 0 and <= --std-max ({args.std_max})"),
+        (args.target_policy_noise >= 0, "--target-policy-noise must be >= 0"),
+        (args.target_noise_clip >= 0, "--target-noise-clip must be >= 0"),
+        (args.obs_clip > 0, "--obs-clip must be > 0"),
+        (args.reward_scale is None or args.reward_scale > 0, "--reward-scale must be > 0"),
+        (args.num_atoms >= 2, "--num-atoms must be >= 2"),
+        (args.v_min < args.v_max, f"--v-min ({args.v_min}) must be < --v-max ({args.v_max})"),
+        (args.log_interval >= 1, "--log-interval must be >= 1"),
+        (args.save_interval > 0, "--save-interval must be > 0 seconds"),
+        (args.eval_episodes >= 1, "--eval-episodes must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def check_buffer_fits(num_bytes, device):
+    """A replay buffer that does not fit should fail now with its size, not later with an OOM."""
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    else:
+        free_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if num_bytes > 0.9 * free_bytes:
+        raise ValueError(
+            f"the replay buffer needs {num_bytes / 2**30:.2f} GiB but {device} has {free_bytes / 2**30:.2f} GiB free;"
+            " lower --buffer-size"
+        )
+
+
+def save_checkpoint(path, actor, critic, critic_target, obs_normalizer, args, global_step):
+    """Write to a temporary file, then rename: a crash never leaves a half-written model.pt."""
+    checkpoint = {
+        "actor": actor.state_dict(),
+        "critic": critic.state_dict(),
+        "critic_target": critic_target.state_dict(),
+        "obs_normalizer": obs_normalizer.state_dict(),
+        "args": dataclasses.asdict(args),
+        "global_step": global_step,
+    }
+    tmp_path = path + ".tmp"
+    torch.save(checkpoint, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def start_run(args, reward_scale):
+    """TensorBoard writer under runs/{run_name}/ with the hyperparameters as a text table."""
+    run_name = f"{args.task.replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        + f"\n|resolved reward_scale|{reward_scale}|",
+    )
+    return writer, os.path.join(run_dir, "model.pt")
+
+
+WARNED_ABOUT_SUPPORT = []
+
+
+def write_scalars(writer, values, global_step, v_updates, elapsed, mean_return, progress, args):
+    """Write the scalars CleanRL's tools expect from sums over the last logging interval, and
+    return the latest mean return."""
+    if values["episodes"] > 0:
+        mean_return = values["return_sum"] / values["episodes"]
+        writer.add_scalar("charts/episodic_return", mean_return, global_step)
+        writer.add_scalar("charts/episodic_length", values["length_sum"] / values["episodes"], global_step)
+    if values["v_updates"] > 0:
+        writer.add_scalar("losses/critic_loss", values["critic_loss"] / values["v_updates"], global_step)
+        writer.add_scalar("losses/q_mean", values["q_mean"] / values["v_updates"], global_step)
+        if args.distributional:
+            outside = values["outside_support"] / values["v_updates"]
+            writer.add_scalar("losses/target_outside_support", outside, global_step)
+            if outside > 0.05 and not WARNED_ABOUT_SUPPORT:
+                WARNED_ABOUT_SUPPORT.append(True)  # once per run; the scalar above keeps the record
+                progress.write(f"warning: {outside:.0%} of the critic's targets fell outside [--v-min, --v-max] ="
+                               f" [{args.v_min}, {args.v_max}] at env step {global_step}; scale rewards with --reward-scale"
+                               " or widen the support")
+    if values["p_updates"] > 0:
+        writer.add_scalar("losses/actor_loss", values["actor_loss"] / values["p_updates"], global_step)
+    writer.add_scalar("charts/SPS", global_step / elapsed, global_step)
+    writer.add_scalar("charts/v_updates_per_s", v_updates / elapsed, global_step)
+    progress.set_postfix(SPS=f"{global_step / elapsed:.0f}", ret=f"{mean_return:.1f}", refresh=False)
+    return mean_return
+
+
+# ---------------------------------------------------------------------------------------------
+# Observation normalizer: running mean and variance over every observed batch
+# ---------------------------------------------------------------------------------------------
+class ObsNormalizer:
+    """Running mean/variance of the observations (Chan et al.'s parallel update).
+
+    The replay buffer stores raw observations; they are normalized when they are used, with the
+    latest statistics, so old data does not carry stale normalization.
+    """
+
+    def __init__(self, obs_dim, clip, device):
+        self.mean = torch.zeros(obs_dim, dtype=torch.float64, device=device)
+        self.var = torch.ones(obs_dim, dtype=torch.float64, device=device)
+        # The public code starts the count at 1e-4, a pseudo-observation at mean 0 that biases the
+        # variance of features with a large mean and a small spread; 0 is exact (the first update
+        # divides by the batch size) and the statistics before it give the identity.
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.clip = clip
+
+    @torch.no_grad()
+    def update(self, obs):
+        batch = obs.to(torch.float64)
+        batch_mean, batch_var, batch_count = batch.mean(0), batch.var(0, unbiased=False), batch.shape[0]
+        delta = batch_mean - self.mean
+        total = self.count + batch_count
+        self.mean += delta * batch_count / total
+        self.var.copy_((self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total) / total)
+        self.count.copy_(total)
+
+    def normalize(self, obs):
+        std = torch.sqrt(self.var + 1e-8)
+        return ((obs - self.mean.float()) / std.float()).clamp(-self.clip, self.clip)
+
+    def state_dict(self):
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.mean.copy_(state["mean"])
+        self.var.copy_(state["var"])
+        self.count.copy_(state["count"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffer on the device, with n-step returns computed at sample time
+# ---------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """One ring of `capacity` rows per environment: tensors shaped (num_envs, capacity, ...).
+
+    Every env step writes one column (row `pos` of every env), so each env's rows are its own
+    trajectory in time order, and an n-step window is simply the next n rows of the same env.
+    `next_obs` holds the observation to bootstrap from: the true last observation where an
+    episode ended (info["final_obs"]), so time-limit ends can be bootstrapped correctly.
+    """
+
+    def __init__(self, num_envs, capacity, obs_dim, act_dim, device, overwrite_guard=0):
+        self.num_envs, self.capacity, self.device = num_envs, capacity, device
+        # The oldest `overwrite_guard` rows are never sampled: a writer running in parallel may be
+        # overwriting them (pql_threaded.py). Here writes and reads take turns, so it is 0.
+        self.overwrite_guard = overwrite_guard
+        self.obs = torch.zeros(num_envs, capacity, obs_dim, device=device)
+        self.actions = torch.zeros(num_envs, capacity, act_dim, device=device)
+        self.rewards = torch.zeros(num_envs, capacity, device=device)
+        self.next_obs = torch.zeros(num_envs, capacity, obs_dim, device=device)
+        self.terminated = torch.zeros(num_envs, capacity, device=device)  # 1: no bootstrapping
+        self.episode_ended = torch.zeros(num_envs, capacity, device=device)  # terminated or truncated
+        self.valid = torch.zeros(num_envs, capacity, device=device)  # 0: not a real transition (Isaac Gym's lazy reset)
+        self.pos = 0  # the column the next env step is written to
+        self.size = 0  # number of columns written so far (at most capacity)
+
+    @staticmethod
+    def bytes_needed(num_envs, capacity, obs_dim, act_dim):
+        return 4 * num_envs * capacity * (2 * obs_dim + act_dim + 4)
+
+    def add(self, obs, actions, rewards, next_obs, terminated, truncated, valid):
+        self.obs[:, self.pos] = obs
+        self.actions[:, self.pos] = actions
+        self.rewards[:, self.pos] = rewards
+        self.next_obs[:, self.pos] = next_obs
+        self.terminated[:, self.pos] = terminated.float()
+        self.episode_ended[:, self.pos] = (terminated | truncated).float()
+        self.valid[:, self.pos] = valid.float()
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size, nstep, gamma):
+        env_index = torch.randint(0, self.num_envs, (batch_size,), device=self.device)
+        sampleable_rows = min(self.size, self.capacity - self.overwrite_guard)
+        age = torch.randint(0, sampleable_rows, (batch_size,), device=self.device)  # 0: the newest row
+        return self.gather(env_index, age, nstep, gamma)
+
+    def gather(self, env_index, age, nstep, gamma):
+        """The n-step transitions starting `age` rows before the newest row of each env.
+
+        Returns obs, actions, the discounted reward sum over the window, the observation to
+        bootstrap from, its discount (gamma^k, or 0 if the window ends in a termination) and the
+        valid flag. The window is shorter than n (k < n) where the episode ends inside it, or
+        where the rows after it are not written yet.
+        """
+        start = (self.pos - 1 - age) % self.capacity
+        offsets = torch.arange(nstep, device=self.device)
+        rows = (start[:, None] + offsets) % self.capacity  # (batch, nstep)
+        env_rows = env_index[:, None]
+        written = offsets[None, :] <= age[:, None]  # rows newer than the newest do not exist yet
+        ended = self.episode_ended[env_rows, rows]
+        ended_earlier = (torch.cumsum(ended, dim=1) - ended) > 0  # an earlier row of the window ended the episode
+        in_window = (written & ~ended_earlier).float()
+        n_step_reward = (self.rewards[env_rows, rows] * gamma ** offsets * in_window).sum(1)
+        window_length = in_window.sum(1).long()  # k >= 1: the first row is always in the window
+        last_row = rows.gather(1, (window_length - 1)[:, None]).squeeze(1)
+        bootstrap_obs = self.next_obs[env_index, last_row]
+        discount = gamma ** window_length.float() * (1.0 - self.terminated[env_index, last_row])
+        return (
+            self.obs[env_index, start],
+            self.actions[env_index, start],
+            n_step_reward,
+            bootstrap_obs,
+            discount,
+            self.valid[env_index, start],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks: a deterministic tanh policy and a twin Q critic
+# ---------------------------------------------------------------------------------------------
+def mlp(in_dim, hidden_dims, out_dim):
+    layers, dim = [], in_dim
+    for hidden_dim in hidden_dims:
+        layers += [nn.Linear(dim, hidden_dim), nn.ELU()]
+        dim = hidden_dim
+    layers.append(nn.Linear(dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class Actor(nn.Module):
+    def __init__(self, obs_dim, act_dim, hidden_dims):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden_dims, act_dim)
+
+    def forward(self, obs):
+        return torch.tanh(self.net(obs))  # actions in [-1, 1], the envs' convention
+
+
+class Critic(nn.Module):
+    """Two independent Q networks on concat(obs, action) (clipped double Q, Fujimoto et al. 2018).
+
+    Scalar critic: each head outputs Q. Distributional critic (PQL-D): each head outputs the
+    logits of a categorical distribution over `num_atoms` fixed returns spread evenly over
+    [v_min, v_max] (C51, Bellemare et al. 2017), and Q is the mean of that distribution.
+    """
+
+    def __init__(self, obs_dim, act_dim, hidden_dims, distributional=False, num_atoms=51, v_min=-10.0, v_max=10.0):
+        super().__init__()
+        self.distributional = distributional
+        outputs = num_atoms if distributional else 1
+        self.q1 = mlp(obs_dim + act_dim, hidden_dims, outputs)
+        self.q2 = mlp(obs_dim + act_dim, hidden_dims, outputs)
+        # A buffer moves with .to(device) and is saved with the weights; the public code kept the
+        # atoms in a plain tensor attribute, which stayed behind and crashed PQL-D on one GPU.
+        self.register_buffer("atoms", torch.linspace(v_min, v_max, outputs))
+
+    def logits(self, obs, actions):
+        x = torch.cat([obs, actions], dim=1)
+        return self.q1(x), self.q2(x)
+
+    def forward(self, obs, actions):
+        """The two Q values (batch,) each."""
+        out1, out2 = self.logits(obs, actions)
+        if not self.distributional:
+            return out1.squeeze(1), out2.squeeze(1)
+        return self.mean_value(out1), self.mean_value(out2)
+
+    def mean_value(self, logits):
+        return (torch.softmax(logits, dim=1) * self.atoms).sum(1)
+
+
+def make_critic(obs_dim, act_dim, args):
+    return Critic(obs_dim, act_dim, args.hidden_dims, args.distributional, args.num_atoms, args.v_min, args.v_max)
+
+
+def project_onto_atoms(next_probs, n_step_reward, discount, atoms):
+    """C51's projection: the distribution of n_step_reward + discount * Z, where Z has
+    probabilities `next_probs` on `atoms`, put back onto the same atoms.
+
+    Each shifted atom lands between two atoms and splits its mass between them in proportion to
+    closeness; values beyond the support are clamped to its ends. When a shifted atom lands
+    exactly on an atom, lower == upper and upper_weight == 0, so its mass is counted once (a
+    vectorised projection that builds both neighbour masks first would count it twice).
+    A discount of 0 (termination) collapses the whole distribution onto n_step_reward.
+    """
+    v_min, v_max, num_atoms = atoms[0], atoms[-1], atoms.shape[0]
+    shifted = (n_step_reward[:, None] + discount[:, None] * atoms[None, :]).clamp(v_min, v_max)
+    position = (shifted - v_min) / (v_max - v_min) * (num_atoms - 1)  # in [0, num_atoms - 1]
+    lower = position.floor().clamp(0, num_atoms - 1)
+    upper_weight = position - lower
+    lower = lower.long()
+    upper = (lower + 1).clamp(max=num_atoms - 1)
+    projected = torch.zeros_like(next_probs)
+    projected.scatter_add_(1, lower, next_probs * (1.0 - upper_weight))
+    projected.scatter_add_(1, upper, next_probs * upper_weight)
+    return projected
+
+
+def copy_weights(source, destination):
+    """Hand a network from one role to another: overwrite the destination's parameters in place."""
+    with torch.no_grad():
+        for src, dst in zip(source.state_dict().values(), destination.state_dict().values()):
+            dst.copy_(src, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The actor role: data collection with mixed exploration
+# ---------------------------------------------------------------------------------------------
+def exploration_stds(num_envs, std_min, std_max, device):
+    """Mixed exploration (paper, Sec. 3.3): env i always uses noise std sigma_i, spread evenly
+    over [std_min, std_max], so one batch of envs explores at many scales at once."""
+    return torch.linspace(std_min, std_max, num_envs, device=device)
+
+
+@torch.no_grad()
+def explore(policy, obs_normalizer, obs, noise_stds):
+    actions = policy(obs_normalizer.normalize(obs))
+    noise = torch.randn_like(actions) * noise_stds[:, None]
+    return (actions + noise).clamp(-1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The V-learner: one critic update
+# ---------------------------------------------------------------------------------------------
+def update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, args):
+    obs, actions, n_step_reward, bootstrap_obs, discount, valid = batch
+    obs, bootstrap_obs = obs_normalizer.normalize(obs), obs_normalizer.normalize(bootstrap_obs)
+    with torch.no_grad():
+        # Target policy smoothing (TD3); PQL has no target actor: the latest policy copy acts.
+        next_actions = target_policy(bootstrap_obs)
+        noise = (torch.randn_like(next_actions) * args.target_policy_noise).clamp(-args.target_noise_clip, args.target_noise_clip)
+        next_actions = (next_actions + noise).clamp(-1.0, 1.0)
+        if critic.distributional:
+            # Clipped double Q for distributions: per sample, take the target critic whose mean is
+            # lower (as FastTD3 does), project its shifted distribution and train both heads on it
+            # with cross-entropy, the C51 loss. The public code instead takes the element-wise min
+            # of the two projected distributions, which no longer sums to 1, under a binary
+            # cross-entropy loss; we keep the standard, proper distribution.
+            logits1, logits2 = critic_target.logits(bootstrap_obs, next_actions)
+            lower_is_1 = critic_target.mean_value(logits1) < critic_target.mean_value(logits2)
+            next_probs = torch.softmax(torch.where(lower_is_1[:, None], logits1, logits2), dim=1)
+            target_probs = project_onto_atoms(next_probs, n_step_reward, discount, critic.atoms)
+            target_mean = n_step_reward + discount * (next_probs * critic.atoms).sum(1)
+            outside_support = ((target_mean < args.v_min) | (target_mean > args.v_max)).float().mean()
+        else:
+            target_q1, target_q2 = critic_target(bootstrap_obs, next_actions)
+            target = n_step_reward + discount * torch.min(target_q1, target_q2)
+            outside_support = torch.zeros((), device=obs.device)
+    if critic.distributional:
+        logits1, logits2 = critic.logits(obs, actions)
+        log_probs = torch.log_softmax(logits1, dim=1) + torch.log_softmax(logits2, dim=1)
+        errors = -(target_probs * log_probs).sum(1)
+        q1 = critic.mean_value(logits1)
+    else:
+        q1, q2 = critic(obs, actions)
+        errors = (q1 - target) ** 2 + (q2 - target) ** 2
+    # `valid` masks the rare rows that are not real transitions (see envs.py, Isaac Gym adapter).
+    critic_loss = (valid * errors).sum() / valid.sum().clamp(min=1.0)
+    critic_optimizer.zero_grad(set_to_none=True)
+    critic_loss.backward()
+    nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+    critic_optimizer.step()
+    with torch.no_grad():  # Polyak averaging after every V-update
+        for param, target_param in zip(critic.parameters(), critic_target.parameters()):
+            target_param.lerp_(param, args.tau)
+    return critic_loss.detach(), q1.detach().mean(), outside_support
+
+
+# ---------------------------------------------------------------------------------------------
+# The P-learner: one policy update
+# ---------------------------------------------------------------------------------------------
+def update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs, args):
+    obs = obs_normalizer.normalize(obs)
+    q1, q2 = policy_critic(obs, actor(obs))  # policy_critic is a frozen copy: no critic gradients
+    actor_loss = -torch.min(q1, q2).mean()
+    actor_optimizer.zero_grad(set_to_none=True)
+    actor_loss.backward()
+    nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+    actor_optimizer.step()
+    return actor_loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of a checkpoint
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(checkpoint_path, episodes, device, seed):
+    checkpoint = torch.load(checkpoint_path, map_location=device)
+    trained = Args(**{k: tuple(v) if k == "hidden_dims" else v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
+    env = envs.make_env(trained.task, episodes, device=device, seed=seed)
+    actor = Actor(env.obs_dim, env.act_dim, trained.hidden_dims).to(device)
+    actor.load_state_dict(checkpoint["actor"])
+    obs_normalizer = ObsNormalizer(env.obs_dim, trained.obs_clip, device)
+    obs_normalizer.load_state_dict(checkpoint["obs_normalizer"])
+    # One episode per env: run until every env has finished its first episode.
+    returns = torch.zeros(episodes, device=device)
+    lengths = torch.zeros(episodes, device=device)
+    finished = torch.zeros(episodes, dtype=torch.bool, device=device)
+    obs = env.reset()
+    for _ in range(env.max_episode_length + 2):  # +2: an Isaac Gym lazy reset step, and slack
+        obs, _, terminated, truncated, info = env.step(actor(obs_normalizer.normalize(obs)))
+        just_finished = (terminated | truncated) & ~finished
+        returns = torch.where(just_finished, info["episode_return"], returns)
+        lengths = torch.where(just_finished, info["episode_length"], lengths)
+        finished |= just_finished
+        if bool(finished.all()):
+            break
+    returns, lengths = returns[finished].cpu(), lengths[finished].cpu()
+    print(
+        f"{trained.task}: mean return {returns.mean():.2f} +- {returns.std(unbiased=False):.2f}"
+        f" over {len(returns)} episodes (mean length {lengths.mean():.1f}), checkpoint {checkpoint_path}"
+    )
+    return returns
+
+
+# ---------------------------------------------------------------------------------------------
+# The main loop: the three roles take turns in one thread
+# ---------------------------------------------------------------------------------------------
+def train(args, env, device):
+    # The loop below watches for non-finite values itself and reports the step where they appeared;
+    # the env's own check of the actions would stop it one step later, and costs a host sync.
+    env.check_finite_actions = False
+    reward_scale = args.reward_scale if args.reward_scale is not None else DEFAULT_REWARD_SCALES.get(args.task, 1.0)
+    capacity = args.buffer_size // args.num_envs
+    writer, checkpoint_path = start_run(args, reward_scale)
+
+    obs_normalizer = ObsNormalizer(env.obs_dim, args.obs_clip, device)
+    replay_buffer = ReplayBuffer(args.num_envs, capacity, env.obs_dim, env.act_dim, device)
+    actor = Actor(env.obs_dim, env.act_dim, args.hidden_dims).to(device)
+    critic = make_critic(env.obs_dim, env.act_dim, args).to(device)
+    critic_target = copy.deepcopy(critic).requires_grad_(False)
+    actor_optimizer = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr)
+    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr)
+    # Each role acts on its own copy of the networks it does not train (paper, Sec. 3.1).
+    acting_policy = copy.deepcopy(actor).requires_grad_(False)  # the actor role's policy
+    target_policy = copy.deepcopy(actor).requires_grad_(False)  # the V-learner's, for target actions
+    policy_critic = copy.deepcopy(critic).requires_grad_(False)  # the P-learner's critic
+    noise_stds = exploration_stds(args.num_envs, args.std_min, args.std_max, device)
+
+    # Statistics summed on the device and read only at logging intervals (no per-step sync).
+    stats = {name: torch.zeros((), device=device) for name in
+             ["return_sum", "length_sum", "episodes", "critic_loss", "q_mean", "outside_support", "v_updates", "actor_loss", "p_updates"]}
+    # Iteration of the first non-finite observation or loss (inf: none yet), kept on the device.
+    first_nonfinite_iteration = torch.full((), float("inf"), device=device)
+    iteration_on_device = torch.zeros((), device=device)
+
+    global_step, v_updates, p_updates, mean_return = 0, 0, 0, float("nan")
+    start_time = last_save_time = time.time()
+    progress = tqdm(total=args.total_timesteps, unit="step", unit_scale=True, dynamic_ncols=True)
+    obs = env.reset()
+    exit_code, iteration = 0, 0
+    try:
+        while global_step < args.total_timesteps and time.time() - start_time < args.max_time:
+            # ---- actor: one step of all envs ----
+            if iteration < args.warmup_iterations:
+                actions = torch.rand(args.num_envs, env.act_dim, device=device) * 2 - 1
+            else:
+                actions = explore(acting_policy, obs_normalizer, obs, noise_stds)
+            next_obs, rewards, terminated, truncated, info = env.step(actions)
+            if args.timeouts_as_terminal:
+                terminated = terminated | truncated
+            replay_buffer.add(obs, actions, rewards * reward_scale, info["final_obs"], terminated, truncated, info["valid"])
+            obs_normalizer.update(next_obs)
+            obs = next_obs
+            global_step += args.num_envs
+            ended = (terminated | truncated).float()
+            stats["return_sum"] += (info["episode_return"] * ended).sum()
+            stats["length_sum"] += (info["episode_length"] * ended).sum()
+            stats["episodes"] += ended.sum()
+            finite = torch.isfinite(next_obs).all()
+
+            # ---- V-learner and P-learner: v_updates_per_env_step critic updates, one policy
+            # update per v_updates_per_p_update of them ----
+            if iteration >= args.warmup_iterations:
+                for _ in range(args.v_updates_per_env_step):
+                    batch = replay_buffer.sample(args.batch_size, args.nstep, args.gamma)
+                    critic_loss, q_mean, outside_support = update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, args)
+                    v_updates += 1
+                    stats["critic_loss"] += critic_loss
+                    stats["q_mean"] += q_mean
+                    stats["outside_support"] += outside_support
+                    stats["v_updates"] += 1
+                    finite &= torch.isfinite(critic_loss)
+                    if v_updates % args.v_updates_per_p_update == 0:
+                        obs_batch = replay_buffer.sample(args.batch_size, args.nstep, args.gamma)[0]
+                        actor_loss = update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs_batch, args)
+                        p_updates += 1
+                        stats["actor_loss"] += actor_loss
+                        stats["p_updates"] += 1
+                        finite &= torch.isfinite(actor_loss)
+                # ---- hand-off: every role gets the others' latest networks ----
+                copy_weights(actor, acting_policy)
+                copy_weights(actor, target_policy)
+                copy_weights(critic, policy_critic)
+            first_nonfinite_iteration = torch.where(finite, first_nonfinite_iteration, torch.minimum(first_nonfinite_iteration, iteration_on_device))
+            iteration_on_device += 1
+            iteration += 1
+            progress.update(args.num_envs)
+
+            # ---- logging and checkpoints: the only host syncs of the loop ----
+            if iteration % args.log_interval == 0:
+                bad_iteration = first_nonfinite_iteration.item()
+                if bad_iteration != float("inf"):
+                    bad_step = (int(bad_iteration) + 1) * args.num_envs
+                    print(f"error: non-finite observation or loss at env step {bad_step} (iteration {int(bad_iteration)});"
+                          f" stopping, the last good checkpoint is {checkpoint_path}", file=sys.stderr)
+                    exit_code = 1
+                    break
+                sums = {name: value.item() for name, value in stats.items()}
+                for value in stats.values():
+                    value.zero_()
+                mean_return = write_scalars(writer, sums, global_step, v_updates, time.time() - start_time, mean_return, progress, args)
+                if time.time() - last_save_time > args.save_interval:
+                    save_checkpoint(checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step)
+                    last_save_time = time.time()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at env step {global_step}; saving {checkpoint_path}", file=sys.stderr)
+        exit_code = 130
+    progress.close()
+    if exit_code != 1:  # after a non-finite value, keep the last good checkpoint instead
+        if first_nonfinite_iteration.item() == float("inf"):
+            save_checkpoint(checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step)
+            print(f"saved {checkpoint_path} after {global_step} env steps; latest mean return {mean_return:.2f}")
+        else:
+            print("error: non-finite observation or loss in the last iterations; checkpoint not updated", file=sys.stderr)
+            exit_code = 1
+    writer.close()
+    return exit_code
+
+
+def main():
+    args = tyro.cli(Args)
+    # Everything that can be wrong with the input is checked here, before any work starts.
+    try:
+        validate_args(args)
+        device = resolve_device(args.device)
+        if args.eval_checkpoint is not None:
+            if not os.path.isfile(args.eval_checkpoint):
+                raise ValueError(f"--eval-checkpoint {args.eval_checkpoint}: no such file")
+        else:
+            random.seed(args.seed)
+            np.random.seed(args.seed)
+            torch.manual_seed(args.seed)
+            env = envs.make_env(args.task, args.num_envs, device=device, seed=args.seed)
+            capacity = args.buffer_size // args.num_envs
+            check_buffer_fits(ReplayBuffer.bytes_needed(args.num_envs, capacity, env.obs_dim, env.act_dim), device)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.eval_checkpoint is not None:
+        evaluate(args.eval_checkpoint, args.eval_episodes, device, args.seed)
+        return 0
+    return train(args, env, device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Tests of pql.py: the parts against independent references, then the script as users run it."""
+import copy
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import pql
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffer: n-step returns against a brute-force computation
+# ---------------------------------------------------------------------------------------------
+def fill_random_buffer(num_envs, capacity, steps, obs_dim=2, act_dim=1, seed=0):
+    """Write `steps` random env steps with random terminations and truncations; also return the
+    per-env history as plain Python lists, the reference for the brute-force n-step sums."""
+    rng = np.random.default_rng(seed)
+    buffer = pql.ReplayBuffer(num_envs, capacity, obs_dim, act_dim, torch.device("cpu"))
+    history = [[] for _ in range(num_envs)]
+    for step in range(steps):
+        obs = rng.normal(size=(num_envs, obs_dim)).astype(np.float32)
+        actions = rng.uniform(-1, 1, size=(num_envs, act_dim)).astype(np.float32)
+        rewards = rng.normal(size=num_envs).astype(np.float32)
+        next_obs = rng.normal(size=(num_envs, obs_dim)).astype(np.float32)
+        end = rng.uniform(size=num_envs)
+        terminated, truncated = end < 0.15, (end >= 0.15) & (end < 0.3)
+        valid = rng.uniform(size=num_envs) > 0.1
+        buffer.add(*(torch.from_numpy(x) for x in (obs, actions, rewards, next_obs, terminated, truncated, valid)))
+        for env in range(num_envs):
+            history[env].append(dict(obs=obs[env], action=actions[env], reward=rewards[env], next_obs=next_obs[env],
+                                     terminated=terminated[env], ended=terminated[env] | truncated[env], valid=valid[env]))
+    return buffer, history
+
+
+def brute_force_nstep(rows, start, nstep, gamma):
+    """Sum rewards from `start` until n rows, the last written row, or an episode end."""
+    total, k = 0.0, 0
+    for k in range(1, nstep + 1):
+        row = rows[start + k - 1]
+        total += gamma ** (k - 1) * row["reward"]
+        if row["ended"] or start + k == len(rows):
+            break
+    last = rows[start + k - 1]
+    discount = 0.0 if last["terminated"] else gamma ** k
+    return total, last["next_obs"], discount
+
+
+@pytest.mark.parametrize("nstep", [1, 3, 5])
+@pytest.mark.parametrize("steps", [4, 7, 23])  # not full, exactly full, wrapped around (capacity 7)
+def test_nstep_returns_match_brute_force(nstep, steps):
+    num_envs, capacity, gamma = 3, 7, 0.9
+    buffer, history = fill_random_buffer(num_envs, capacity, steps)
+    assert buffer.size == min(steps, capacity)
+    env_index = torch.arange(num_envs).repeat_interleave(buffer.size)
+    age = torch.arange(buffer.size).repeat(num_envs)
+    obs, actions, n_step_reward, bootstrap_obs, discount, valid = buffer.gather(env_index, age, nstep, gamma)
+    for i in range(len(env_index)):
+        rows = history[env_index[i]][-buffer.size:]  # the rows still in the ring
+        start = len(rows) - 1 - age[i].item()
+        expected_reward, expected_next_obs, expected_discount = brute_force_nstep(rows, start, nstep, gamma)
+        assert obs[i].numpy() == pytest.approx(rows[start]["obs"])
+        assert actions[i].numpy() == pytest.approx(rows[start]["action"])
+        assert valid[i].item() == float(rows[start]["valid"])
+        assert n_step_reward[i].item() == pytest.approx(expected_reward, abs=1e-5)
+        assert bootstrap_obs[i].numpy() == pytest.approx(expected_next_obs)
+        assert discount[i].item() == pytest.approx(expected_discount, abs=1e-6)
+
+
+def test_sampling_only_returns_written_rows():
+    num_envs, capacity = 4, 50
+    buffer = pql.ReplayBuffer(num_envs, capacity, 1, 1, torch.device("cpu"))
+    written = set()
+    for step in range(5):
+        ids = torch.arange(num_envs, dtype=torch.float32) * 1000 + step + 1  # 0 marks an unwritten row
+        written.update(ids.tolist())
+        false = torch.zeros(num_envs, dtype=torch.bool)
+        buffer.add(ids[:, None], ids[:, None], ids, ids[:, None], false, false, ~false)
+    obs = buffer.sample(10_000, nstep=3, gamma=0.99)[0]
+    sampled = set(obs.squeeze(1).tolist())
+    assert sampled <= written
+    assert sampled == written  # and every written row can be drawn
+
+
+def test_timeouts_bootstrap_and_terminations_do_not():
+    """An episode ended by a time limit bootstraps from the true final obs; a terminated one does not."""
+    buffer = pql.ReplayBuffer(2, 10, 1, 1, torch.device("cpu"))
+    no, yes = torch.tensor([False, False]), torch.tensor([False, True])
+    ones = torch.ones(2, 1)
+    # env 0 is truncated at the 2nd step, env 1 terminated at it; the final obs are 7.0 and 8.0
+    buffer.add(ones * 1, ones, torch.ones(2), ones * 2, no, no, ~no)
+    buffer.add(ones * 2, ones, torch.ones(2), torch.tensor([[7.0], [8.0]]), torch.tensor([False, True]), torch.tensor([True, False]), ~no)
+    buffer.add(ones * 0, ones, torch.ones(2), ones * 5, no, no, ~no)  # the first step of the next episodes
+    _, _, n_step_reward, bootstrap_obs, discount, _ = buffer.gather(torch.tensor([0, 1]), torch.tensor([2, 2]), 3, 0.5)
+    assert n_step_reward.tolist() == [1.5, 1.5]  # the window stops at the episode end
+    assert bootstrap_obs.squeeze(1).tolist() == [7.0, 8.0]
+    assert discount.tolist() == [0.25, 0.0]  # gamma^2 for the truncation, no bootstrap for the termination
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalizer, exploration noise, critic and actor updates
+# ---------------------------------------------------------------------------------------------
+def test_obs_normalizer_matches_numpy():
+    rng = np.random.default_rng(0)
+    normalizer = pql.ObsNormalizer(3, clip=5.0, device=torch.device("cpu"))
+    batches = [rng.normal(loc=[1.0, -2.0, 10.0], scale=[0.5, 3.0, 0.01], size=(n, 3)) for n in (1, 17, 256, 3)]
+    for batch in batches:
+        normalizer.update(torch.tensor(batch, dtype=torch.float32))
+    everything = np.concatenate(batches).astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(normalizer.mean.numpy(), everything.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(normalizer.var.numpy(), everything.var(0), rtol=1e-4)
+    x = torch.tensor(batches[1], dtype=torch.float32)
+    expected = np.clip((batches[1] - everything.mean(0)) / np.sqrt(everything.var(0) + 1e-8), -5, 5)
+    np.testing.assert_allclose(normalizer.normalize(x).numpy(), expected, rtol=1e-3, atol=1e-3)
+    assert normalizer.normalize(torch.tensor([[1e6, -1e6, 10.0]])).abs().max().item() == 5.0  # clamped
+
+
+def test_exploration_noise_is_spread_over_envs():
+    stds = pql.exploration_stds(5, 0.05, 0.3, torch.device("cpu"))
+    np.testing.assert_allclose(stds.numpy(), [0.05, 0.1125, 0.175, 0.2375, 0.3], rtol=1e-6)
+    torch.manual_seed(0)
+    zero_policy = lambda obs: torch.zeros(obs.shape[0], 4)  # noqa: E731
+    normalizer = pql.ObsNormalizer(2, clip=5.0, device=torch.device("cpu"))
+    samples = torch.stack([pql.explore(zero_policy, normalizer, torch.zeros(5, 2), stds) for _ in range(2000)])
+    measured = samples.std(dim=(0, 2))  # per env, over time and action dimensions
+    np.testing.assert_allclose(measured.numpy(), stds.numpy(), rtol=0.05)
+
+
+def make_args(**overrides):
+    return pql.Args(**{**dict(hidden_dims=(16, 16), batch_size=32), **overrides})
+
+
+def test_critic_update_target_and_polyak_averaging():
+    torch.manual_seed(0)
+    args = make_args(tau=0.1, target_policy_noise=0.0)
+    critic, policy = pql.Critic(3, 2, args.hidden_dims), pql.Actor(3, 2, args.hidden_dims)
+    critic_target = pql.Critic(3, 2, args.hidden_dims).requires_grad_(False)  # different weights on purpose
+    optimizer = torch.optim.SGD(critic.parameters(), lr=0.0)  # lr 0: the critic stays put, only the target moves
+    normalizer = pql.ObsNormalizer(3, clip=5.0, device=torch.device("cpu"))
+    batch = (torch.randn(32, 3), torch.rand(32, 2) * 2 - 1, torch.randn(32), torch.randn(32, 3), torch.rand(32),
+             (torch.rand(32) > 0.2).float())
+    old_target = copy.deepcopy(critic_target)
+    loss, _, _ = pql.update_critic(critic, critic_target, optimizer, policy, normalizer, batch, args)
+    # The loss against a target computed here, independently: r + discount * min(Q1', Q2')(s', pi(s')).
+    obs, actions, reward, bootstrap_obs, discount, valid = batch
+    with torch.no_grad():
+        tq1, tq2 = old_target(bootstrap_obs, policy(bootstrap_obs))
+        target = reward + discount * torch.min(tq1, tq2)
+        q1, q2 = critic(obs, actions)
+        errors = (q1 - target) ** 2 + (q2 - target) ** 2
+    assert loss.item() == pytest.approx((errors[valid > 0]).mean().item(), rel=1e-5)
+    for p, t, old in zip(critic.parameters(), critic_target.parameters(), old_target.parameters()):
+        torch.testing.assert_close(t, 0.9 * old + 0.1 * p)
+
+
+def test_actor_update_follows_the_critic_and_leaves_it_alone():
+    torch.manual_seed(0)
+    args = make_args(actor_lr=1e-2)
+    actor = pql.Actor(3, 1, args.hidden_dims)
+    # A frozen "critic" whose Q is highest at action +1: the policy must move its actions up.
+    class PreferPositive(torch.nn.Module):
+        def forward(self, obs, actions):
+            return actions.squeeze(1), actions.squeeze(1)
+    optimizer = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr)
+    normalizer = pql.ObsNormalizer(3, clip=5.0, device=torch.device("cpu"))
+    obs = torch.randn(64, 3)
+    before = actor(obs).mean().item()
+    for _ in range(20):
+        pql.update_actor(actor, optimizer, PreferPositive(), normalizer, obs, args)
+    assert actor(obs).mean().item() > before + 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# The script as users run it
+# ---------------------------------------------------------------------------------------------
+SMALL = ["--task", "Pendulum", "--num-envs", "16", "--hidden-dims", "32", "32", "--batch-size", "64",
+         "--buffer-size", "16000", "--device", "cpu", "--warmup-iterations", "4", "--log-interval", "5"]
+
+
+def run_pql(args, cwd, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(REPO, "pql.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return {tag: [(s.step, s.value) for s in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_cli_tiny_run_writes_scalars_checkpoint_and_evaluates(tmp_path):
+    result = run_pql(SMALL + ["--total-timesteps", "8000"], tmp_path)  # 500 iterations: 2 episode ends
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "Pendulum__pql__1__*"))
+    scalars = read_scalars(run_dir)
+    for tag in ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/v_updates_per_s",
+                "losses/critic_loss", "losses/actor_loss", "losses/q_mean"]:
+        assert scalars.get(tag), f"{tag} missing"
+    assert [value for _, value in scalars["charts/episodic_length"]] == [200.0, 200.0]
+    assert all(-2000 < value < 0 for _, value in scalars["charts/episodic_return"])
+    checkpoint = torch.load(os.path.join(run_dir, "model.pt"), weights_only=False)
+    assert checkpoint["global_step"] == 8000 and checkpoint["args"]["hidden_dims"] == (32, 32)
+    assert {"actor", "critic", "critic_target", "obs_normalizer"} <= set(checkpoint)
+    assert not glob.glob(os.path.join(run_dir, "*.tmp"))
+
+    evaluation = run_pql(["--eval-checkpoint", os.path.join(run_dir, "model.pt"), "--eval-episodes", "3", "--device", "cpu"], tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert "mean return" in evaluation.stdout and "over 3 episodes (mean length 200.0)" in evaluation.stdout
+
+
+def test_same_seed_gives_identical_returns_on_cpu(tmp_path):
+    returns = []
+    for name in ["a", "b"]:
+        result = run_pql(SMALL + ["--total-timesteps", "6400", "--exp-name", name], tmp_path)
+        assert result.returncode == 0, result.stderr
+        (run_dir,) = glob.glob(str(tmp_path / "runs" / f"Pendulum__{name}__1__*"))
+        scalars = read_scalars(run_dir)
+        returns.append([scalars[tag] for tag in ["charts/episodic_return", "losses/critic_loss"]])
+    assert returns[0][0] and returns[0] == returns[1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-envs", "0"], "--num-envs"),
+    (["--batch-size", "20000", "--buffer-size", "10000"], "--batch-size"),
+    (["--nstep", "0"], "--nstep"),
+    (["--std-min", "0.9", "--std-max", "0.1"], "--std-min"),
+    (["--critic-lr", "-1"], "--critic-lr"),
+    (["--actor-lr", "0"], "--actor-lr"),
+    (["--v-updates-per-env-step", "0"], "--v-updates-per-env-step"),
+    (["--v-updates-per-p-update", "0"], "--v-updates-per-p-update"),
+    (["--task", "NoSuchTask"], "Pendulum"),  # the error lists the tasks
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--buffer-size", str(10**13)], "--buffer-size"),  # does not fit in memory
+    (["--eval-checkpoint", "no/such/model.pt"], "--eval-checkpoint"),
+])
+def test_bad_flags_fail_before_any_work_naming_the_flag(tmp_path, flags, message):
+    result = run_pql(["--device", "cpu", *flags], tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_nonfinite_values_stop_at_their_step_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """An env that starts returning NaN observations at iteration 13 must stop the run with that
+    step and leave the checkpoint of the last logging interval before it."""
+    monkeypatch.chdir(tmp_path)
+    env = pql.envs.make_env("Pendulum", 8, device="cpu", seed=0)
+    real_step, iteration = env.step, [0]
+
+    def poisoned_step(actions):
+        next_obs, reward, terminated, truncated, info = real_step(actions)
+        iteration[0] += 1
+        if iteration[0] > 13:
+            next_obs = next_obs * float("nan")
+        return next_obs, reward, terminated, truncated, info
+
+    env.step = poisoned_step
+    args = make_args(num_envs=8, buffer_size=8000, warmup_iterations=2, log_interval=5, save_interval=1e-9, device="cpu")
+    assert pql.train(args, env, torch.device("cpu")) == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "env step 112 (iteration 13)" in err
+    (checkpoint_path,) = glob.glob("runs/*/model.pt")
+    assert torch.load(checkpoint_path, weights_only=False)["global_step"] == 10 * 8  # saved at iteration 10, not 15
+
+
+def restore_default_sigint():
+    """A shell's background job starts with SIGINT ignored, and Python then keeps ignoring it;
+    give the child the default, as a terminal's Ctrl-C would find it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_saves_the_checkpoint_and_exits_cleanly(tmp_path):
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "pql.py"), *SMALL, "--total-timesteps", "100000000"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=restore_default_sigint)
+    deadline = time.time() + 120
+    while not glob.glob(str(tmp_path / "runs" / "*" / "events.*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # well into the training loop
+    process.send_signal(signal.SIGINT)
+    try:
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "interrupted at env step" in err and "Traceback" not in err
+    (checkpoint_path,) = glob.glob(str(tmp_path / "runs" / "*" / "model.pt"))
+    assert torch.load(checkpoint_path, weights_only=False)["global_step"] > 0
+
+
+def test_learns_pendulum(tmp_path):
+    """Fixed seed, fixed budget of env steps: the deterministic policy must swing the pendulum up."""
+    result = run_pql(["--task", "Pendulum", "--num-envs", "64", "--hidden-dims", "64", "64", "--batch-size", "1024",
+                      "--device", "cpu", "--total-timesteps", "51200", "--seed", "1"], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    evaluation = run_pql(["--eval-checkpoint", os.path.join(run_dir, "model.pt"), "--eval-episodes", "20", "--device", "cpu"], tmp_path)
+    mean_return = float(evaluation.stdout.split("mean return ")[1].split()[0])
+    assert mean_return > -400, evaluation.stdout
