@@ -1,0 +1,1005 @@
+"""Parallel Q-Learning (PQL) with the three roles running at the same time.
+
+Li, Chen, Agrawal et al., "Parallel Q-Learning: Scaling Off-policy Reinforcement Learning
+under Massively Parallel Simulation", ICML 2023 (arXiv 2307.12983).
+
+The same algorithm, flags and outputs as pql.py, which runs the roles in turn in one thread;
+here they run in parallel, as in the paper:
+  * the actor (this file's main thread) steps the environments and writes the replay buffer;
+  * the V-learner (a thread) trains the twin Q critic;
+  * the P-learner (a thread) trains the policy.
+On a GPU each role issues its work on its own CUDA stream, so the GPU runs their kernels
+concurrently; --actor-device, --v-learner-device and --p-learner-device spread the roles over
+several GPUs. The ratios (`v_updates_per_env_step`, `v_updates_per_p_update`) hold by counting:
+whichever role runs ahead waits. Networks pass between roles through locked snapshots.
+
+Everything but the parallelism is line for line the same as in pql.py (no import from it: each
+script stands alone), so `diff pql.py pql_threaded.py` shows only what parallelism takes;
+tests/test_shared_code.py checks it.
+
+    python pql_threaded.py --num-envs 4096
+    python pql_threaded.py --eval-checkpoint runs/<run>/model.pt
+"""
+import sys
+
+# Isaac Gym must be imported before torch (it raises otherwise), so look at the command line first.
+if any("isaacgym:" in arg for arg in sys.argv):
+    import isaacgym  # noqa: F401
+
+import collections
+import contextlib
+import copy
+import dataclasses
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import envs
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = "pql"
+    """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
+    task: str = "Pendulum"
+    """a task of envs.py: a built-in one (`python envs.py` lists them), `gym:<id>` or `isaacgym:<Task>`"""
+    num_envs: int = 4096
+    """number of environments stepped together by the actor"""
+    seed: int = 1
+    """seed of the environments, the networks and the sampling"""
+    device: str = "auto"
+    """`auto` (CUDA if present), `cpu`, `cuda` or `cuda:N`"""
+    total_timesteps: int = 20_000_000
+    """budget of environment steps, summed over all environments"""
+    max_time: float = 3600.0
+    """budget of wall-clock seconds for training"""
+
+    # --- algorithm (defaults of the public PQL code) ---
+    batch_size: int = 8192
+    """transitions per V-learner and P-learner update"""
+    buffer_size: int = 5_000_000
+    """replay buffer capacity in transitions, summed over all environments, kept on the device"""
+    nstep: int = 3
+    """length of the n-step returns"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.05
+    """target critic update rate, applied after every V-update"""
+    critic_lr: float = 5e-4
+    """learning rate of the critic (AdamW)"""
+    actor_lr: float = 5e-4
+    """learning rate of the policy (AdamW)"""
+    max_grad_norm: float = 0.5
+    """gradient norm clip of both networks"""
+    hidden_dims: Tuple[int, ...] = (512, 256, 128)
+    """hidden layer sizes of both networks, e.g. `--hidden-dims 64 64`"""
+    warmup_iterations: int = 32
+    """iterations (env steps of all envs) of uniform random actions before learning starts"""
+    v_updates_per_env_step: int = 8
+    """V-learner updates per env step of all environments (the paper's beta_a:v = 1:8)"""
+    v_updates_per_p_update: int = 2
+    """V-learner updates per P-learner update (the paper's beta_p:v = 1:2)"""
+    std_min: float = 0.05
+    """smallest exploration noise std (mixed exploration: env i uses its own std, spread evenly)"""
+    std_max: float = 0.8
+    """largest exploration noise std"""
+    target_policy_noise: float = 0.8
+    """std of the noise added to target actions (target policy smoothing)"""
+    target_noise_clip: float = 0.2
+    """the target action noise is clipped to +- this"""
+    obs_clip: float = 5.0
+    """normalized observations are clamped to +- this"""
+    reward_scale: Optional[float] = None
+    """rewards are multiplied by this before learning; default: per task (see DEFAULT_REWARD_SCALES), else 1"""
+    timeouts_as_terminal: bool = False
+    """treat time-limit ends as terminal (the public code's behaviour) instead of bootstrapping through them"""
+    distributional: bool = False
+    """PQL-D: twin categorical (C51) critics over a fixed support instead of scalar ones"""
+    num_atoms: int = 51
+    """PQL-D: number of atoms of the support"""
+    v_min: float = -10.0
+    """PQL-D: smallest value of the support (scale rewards with --reward-scale so returns fit)"""
+    v_max: float = 10.0
+    """PQL-D: largest value of the support"""
+
+    # --- logging, checkpoints, evaluation ---
+    log_interval: int = 10
+    """iterations between logs; the only place where values are copied from the device"""
+    save_interval: float = 300.0
+    """seconds between checkpoints (one is also written at the end and on Ctrl-C)"""
+    eval_checkpoint: Optional[str] = None
+    """evaluate this checkpoint (a model.pt) with the deterministic policy instead of training"""
+    eval_episodes: int = 10
+    """number of episodes for --eval-checkpoint"""
+
+    # --- parallelism (pql_threaded.py only) ---
+    actor_device: Optional[str] = None
+    """device of the actor role and the environments (default: --device)"""
+    v_learner_device: Optional[str] = None
+    """device of the V-learner, the critic and the replay buffer (default: --device)"""
+    p_learner_device: Optional[str] = None
+    """device of the P-learner and the policy it trains (default: --device)"""
+    sync_interval: int = 4
+    """updates between a learner's publishing of its networks to the other roles (iterations for the actor's obs statistics)"""
+
+
+# Per-task reward scales (--reward-scale overrides them). With gamma = 0.99 returns are ~100x the
+# per-step reward; these keep them within PQL-D's default support [-10, 10] and the scalar critic's
+# values in a sane range. The Isaac Gym ones are the public code's.
+DEFAULT_REWARD_SCALES = {
+    "Pendulum": 0.01,  # rewards in [-16.3, 0] per step
+    "CartpoleSwingup": 0.1,  # rewards in [0, 1]
+    "Reacher": 0.1,  # rewards ~ -(distance + control) >= -0.6
+    "isaacgym:Ant": 0.01,
+    "isaacgym:Humanoid": 0.01,
+    "isaacgym:AllegroHand": 0.01,
+    "isaacgym:ShadowHand": 0.01,
+    "isaacgym:FrankaCubeStack": 0.1,
+    "isaacgym:BallBalance": 0.1,
+    "isaacgym:Anymal": 1.0,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def validate_args(args):
+    """Fail before any work starts, naming the flag and the allowed values."""
+    checks = [
+        (args.num_envs >= 1, "--num-envs must be >= 1"),
+        (args.total_timesteps >= 1, "--total-timesteps must be >= 1"),
+        (args.max_time > 0, "--max-time must be > 0 seconds"),
+        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (args.buffer_size >= args.num_envs,
+         f"--buffer-size ({args.buffer_size}) must be >= --num-envs ({args.num_envs}): one row per env at least"),
+        (args.batch_size <= args.buffer_size,
+         f"--batch-size ({args.batch_size}) must be <= --buffer-size ({args.buffer_size})"),
+        (args.nstep >= 1, "--nstep must be >= 1"),
+        (0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
+        (0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
+        (args.critic_lr > 0, "--critic-lr must be > 0"),
+        (args.actor_lr > 0, "--actor-lr must be > 0"),
+        (args.max_grad_norm > 0, "--max-grad-norm must be > 0"),
+        (len(args.hidden_dims) >= 1 and min(args.hidden_dims) >= 1,
+         "--hidden-dims needs at least one layer, each of size >= 1"),
+        (args.warmup_iterations >= 0, "--warmup-iterations must be >= 0"),
+        (args.v_updates_per_env_step >= 1, "--v-updates-per-env-step must be >= 1"),
+        (args.v_updates_per_p_update >= 1, "--v-updates-per-p-update must be >= 1"),
+        (0.0 <= args.std_min <= args.std_max,
+         f"--std-min ({args.std_min}) must be >= 0 and <= --std-max ({args.std_max})"),
+        (args.target_policy_noise >= 0, "--target-policy-noise must be >= 0"),
+        (args.target_noise_clip >= 0, "--target-noise-clip must be >= 0"),
+        (args.obs_clip > 0, "--obs-clip must be > 0"),
+        (args.reward_scale is None or args.reward_scale > 0, "--reward-scale must be > 0"),
+        (args.num_atoms >= 2, "--num-atoms must be >= 2"),
+        (args.v_min < args.v_max, f"--v-min ({args.v_min}) must be < --v-max ({args.v_max})"),
+        (args.log_interval >= 1, "--log-interval must be >= 1"),
+        (args.save_interval > 0, "--save-interval must be > 0 seconds"),
+        (args.eval_episodes >= 1, "--eval-episodes must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def check_buffer_fits(num_bytes, device):
+    """A replay buffer that does not fit should fail now with its size, not later with an OOM."""
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    else:
+        free_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if num_bytes > 0.9 * free_bytes:
+        raise ValueError(
+            f"the replay buffer needs {num_bytes / 2**30:.2f} GiB but {device} has {free_bytes / 2**30:.2f} GiB free;"
+            " lower --buffer-size"
+        )
+
+
+def save_checkpoint(path, actor, critic, critic_target, obs_normalizer, args, global_step):
+    """Write to a temporary file, then rename: a crash never leaves a half-written model.pt."""
+    checkpoint = {
+        "actor": actor.state_dict(),
+        "critic": critic.state_dict(),
+        "critic_target": critic_target.state_dict(),
+        "obs_normalizer": obs_normalizer.state_dict(),
+        "args": dataclasses.asdict(args),
+        "global_step": global_step,
+    }
+    tmp_path = path + ".tmp"
+    torch.save(checkpoint, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def start_run(args, reward_scale):
+    """TensorBoard writer under runs/{run_name}/ with the hyperparameters as a text table."""
+    run_name = f"{args.task.replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        + f"\n|resolved reward_scale|{reward_scale}|",
+    )
+    return writer, os.path.join(run_dir, "model.pt")
+
+
+WARNED_ABOUT_SUPPORT = []
+
+
+def write_scalars(writer, values, global_step, v_updates, elapsed, mean_return, progress, args):
+    """Write the scalars CleanRL's tools expect from sums over the last logging interval, and
+    return the latest mean return."""
+    if values["episodes"] > 0:
+        mean_return = values["return_sum"] / values["episodes"]
+        writer.add_scalar("charts/episodic_return", mean_return, global_step)
+        writer.add_scalar("charts/episodic_length", values["length_sum"] / values["episodes"], global_step)
+    if values["v_updates"] > 0:
+        writer.add_scalar("losses/critic_loss", values["critic_loss"] / values["v_updates"], global_step)
+        writer.add_scalar("losses/q_mean", values["q_mean"] / values["v_updates"], global_step)
+        if args.distributional:
+            outside = values["outside_support"] / values["v_updates"]
+            writer.add_scalar("losses/target_outside_support", outside, global_step)
+            if outside > 0.05 and not WARNED_ABOUT_SUPPORT:
+                WARNED_ABOUT_SUPPORT.append(True)  # once per run; the scalar above keeps the record
+                progress.write(f"warning: {outside:.0%} of the critic's targets fell outside [--v-min, --v-max] ="
+                               f" [{args.v_min}, {args.v_max}] at env step {global_step}; scale rewards with --reward-scale"
+                               " or widen the support")
+    if values["p_updates"] > 0:
+        writer.add_scalar("losses/actor_loss", values["actor_loss"] / values["p_updates"], global_step)
+    writer.add_scalar("charts/SPS", global_step / elapsed, global_step)
+    writer.add_scalar("charts/v_updates_per_s", v_updates / elapsed, global_step)
+    progress.set_postfix(SPS=f"{global_step / elapsed:.0f}", ret=f"{mean_return:.1f}", refresh=False)
+    return mean_return
+
+
+# ---------------------------------------------------------------------------------------------
+# Observation normalizer: running mean and variance over every observed batch
+# ---------------------------------------------------------------------------------------------
+class ObsNormalizer:
+    """Running mean/variance of the observations (Chan et al.'s parallel update).
+
+    The replay buffer stores raw observations; they are normalized when they are used, with the
+    latest statistics, so old data does not carry stale normalization.
+    """
+
+    def __init__(self, obs_dim, clip, device):
+        self.mean = torch.zeros(obs_dim, dtype=torch.float64, device=device)
+        self.var = torch.ones(obs_dim, dtype=torch.float64, device=device)
+        # The public code starts the count at 1e-4, a pseudo-observation at mean 0 that biases the
+        # variance of features with a large mean and a small spread; 0 is exact (the first update
+        # divides by the batch size) and the statistics before it give the identity.
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.clip = clip
+
+    @torch.no_grad()
+    def update(self, obs):
+        batch = obs.to(torch.float64)
+        batch_mean, batch_var, batch_count = batch.mean(0), batch.var(0, unbiased=False), batch.shape[0]
+        delta = batch_mean - self.mean
+        total = self.count + batch_count
+        self.mean += delta * batch_count / total
+        self.var.copy_((self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total) / total)
+        self.count.copy_(total)
+
+    def normalize(self, obs):
+        std = torch.sqrt(self.var + 1e-8)
+        return ((obs - self.mean.float()) / std.float()).clamp(-self.clip, self.clip)
+
+    def state_dict(self):
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.mean.copy_(state["mean"])
+        self.var.copy_(state["var"])
+        self.count.copy_(state["count"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffer on the device, with n-step returns computed at sample time
+# ---------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """One ring of `capacity` rows per environment: tensors shaped (num_envs, capacity, ...).
+
+    Every env step writes one column (row `pos` of every env), so each env's rows are its own
+    trajectory in time order, and an n-step window is simply the next n rows of the same env.
+    `next_obs` holds the observation to bootstrap from: the true last observation where an
+    episode ended (info["final_obs"]), so time-limit ends can be bootstrapped correctly.
+    """
+
+    def __init__(self, num_envs, capacity, obs_dim, act_dim, device, overwrite_guard=0):
+        self.num_envs, self.capacity, self.device = num_envs, capacity, device
+        # The oldest `overwrite_guard` rows are never sampled: a writer running in parallel may be
+        # overwriting them (pql_threaded.py). Here writes and reads take turns, so it is 0.
+        self.overwrite_guard = overwrite_guard
+        self.obs = torch.zeros(num_envs, capacity, obs_dim, device=device)
+        self.actions = torch.zeros(num_envs, capacity, act_dim, device=device)
+        self.rewards = torch.zeros(num_envs, capacity, device=device)
+        self.next_obs = torch.zeros(num_envs, capacity, obs_dim, device=device)
+        self.terminated = torch.zeros(num_envs, capacity, device=device)  # 1: no bootstrapping
+        self.episode_ended = torch.zeros(num_envs, capacity, device=device)  # terminated or truncated
+        self.valid = torch.zeros(num_envs, capacity, device=device)  # 0: not a real transition (Isaac Gym's lazy reset)
+        self.pos = 0  # the column the next env step is written to
+        self.size = 0  # number of columns written so far (at most capacity)
+
+    @staticmethod
+    def bytes_needed(num_envs, capacity, obs_dim, act_dim):
+        return 4 * num_envs * capacity * (2 * obs_dim + act_dim + 4)
+
+    def add(self, obs, actions, rewards, next_obs, terminated, truncated, valid):
+        self.obs[:, self.pos] = obs
+        self.actions[:, self.pos] = actions
+        self.rewards[:, self.pos] = rewards
+        self.next_obs[:, self.pos] = next_obs
+        self.terminated[:, self.pos] = terminated.float()
+        self.episode_ended[:, self.pos] = (terminated | truncated).float()
+        self.valid[:, self.pos] = valid.float()
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size, nstep, gamma):
+        env_index = torch.randint(0, self.num_envs, (batch_size,), device=self.device)
+        sampleable_rows = min(self.size, self.capacity - self.overwrite_guard)
+        age = torch.randint(0, sampleable_rows, (batch_size,), device=self.device)  # 0: the newest row
+        return self.gather(env_index, age, nstep, gamma)
+
+    def gather(self, env_index, age, nstep, gamma):
+        """The n-step transitions starting `age` rows before the newest row of each env.
+
+        Returns obs, actions, the discounted reward sum over the window, the observation to
+        bootstrap from, its discount (gamma^k, or 0 if the window ends in a termination) and the
+        valid flag. The window is shorter than n (k < n) where the episode ends inside it, or
+        where the rows after it are not written yet.
+        """
+        start = (self.pos - 1 - age) % self.capacity
+        offsets = torch.arange(nstep, device=self.device)
+        rows = (start[:, None] + offsets) % self.capacity  # (batch, nstep)
+        env_rows = env_index[:, None]
+        written = offsets[None, :] <= age[:, None]  # rows newer than the newest do not exist yet
+        ended = self.episode_ended[env_rows, rows]
+        ended_earlier = (torch.cumsum(ended, dim=1) - ended) > 0  # an earlier row of the window ended the episode
+        in_window = (written & ~ended_earlier).float()
+        n_step_reward = (self.rewards[env_rows, rows] * gamma ** offsets * in_window).sum(1)
+        window_length = in_window.sum(1).long()  # k >= 1: the first row is always in the window
+        last_row = rows.gather(1, (window_length - 1)[:, None]).squeeze(1)
+        bootstrap_obs = self.next_obs[env_index, last_row]
+        discount = gamma ** window_length.float() * (1.0 - self.terminated[env_index, last_row])
+        return (
+            self.obs[env_index, start],
+            self.actions[env_index, start],
+            n_step_reward,
+            bootstrap_obs,
+            discount,
+            self.valid[env_index, start],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks: a deterministic tanh policy and a twin Q critic
+# ---------------------------------------------------------------------------------------------
+def mlp(in_dim, hidden_dims, out_dim):
+    layers, dim = [], in_dim
+    for hidden_dim in hidden_dims:
+        layers += [nn.Linear(dim, hidden_dim), nn.ELU()]
+        dim = hidden_dim
+    layers.append(nn.Linear(dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class Actor(nn.Module):
+    def __init__(self, obs_dim, act_dim, hidden_dims):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden_dims, act_dim)
+
+    def forward(self, obs):
+        return torch.tanh(self.net(obs))  # actions in [-1, 1], the envs' convention
+
+
+class Critic(nn.Module):
+    """Two independent Q networks on concat(obs, action) (clipped double Q, Fujimoto et al. 2018).
+
+    Scalar critic: each head outputs Q. Distributional critic (PQL-D): each head outputs the
+    logits of a categorical distribution over `num_atoms` fixed returns spread evenly over
+    [v_min, v_max] (C51, Bellemare et al. 2017), and Q is the mean of that distribution.
+    """
+
+    def __init__(self, obs_dim, act_dim, hidden_dims, distributional=False, num_atoms=51, v_min=-10.0, v_max=10.0):
+        super().__init__()
+        self.distributional = distributional
+        outputs = num_atoms if distributional else 1
+        self.q1 = mlp(obs_dim + act_dim, hidden_dims, outputs)
+        self.q2 = mlp(obs_dim + act_dim, hidden_dims, outputs)
+        # A buffer moves with .to(device) and is saved with the weights; the public code kept the
+        # atoms in a plain tensor attribute, which stayed behind and crashed PQL-D on one GPU.
+        self.register_buffer("atoms", torch.linspace(v_min, v_max, outputs))
+
+    def logits(self, obs, actions):
+        x = torch.cat([obs, actions], dim=1)
+        return self.q1(x), self.q2(x)
+
+    def forward(self, obs, actions):
+        """The two Q values (batch,) each."""
+        out1, out2 = self.logits(obs, actions)
+        if not self.distributional:
+            return out1.squeeze(1), out2.squeeze(1)
+        return self.mean_value(out1), self.mean_value(out2)
+
+    def mean_value(self, logits):
+        return (torch.softmax(logits, dim=1) * self.atoms).sum(1)
+
+
+def make_critic(obs_dim, act_dim, args):
+    return Critic(obs_dim, act_dim, args.hidden_dims, args.distributional, args.num_atoms, args.v_min, args.v_max)
+
+
+def project_onto_atoms(next_probs, n_step_reward, discount, atoms):
+    """C51's projection: the distribution of n_step_reward + discount * Z, where Z has
+    probabilities `next_probs` on `atoms`, put back onto the same atoms.
+
+    Each shifted atom lands between two atoms and splits its mass between them in proportion to
+    closeness; values beyond the support are clamped to its ends. When a shifted atom lands
+    exactly on an atom, lower == upper and upper_weight == 0, so its mass is counted once (a
+    vectorised projection that builds both neighbour masks first would count it twice).
+    A discount of 0 (termination) collapses the whole distribution onto n_step_reward.
+    """
+    v_min, v_max, num_atoms = atoms[0], atoms[-1], atoms.shape[0]
+    shifted = (n_step_reward[:, None] + discount[:, None] * atoms[None, :]).clamp(v_min, v_max)
+    position = (shifted - v_min) / (v_max - v_min) * (num_atoms - 1)  # in [0, num_atoms - 1]
+    lower = position.floor().clamp(0, num_atoms - 1)
+    upper_weight = position - lower
+    lower = lower.long()
+    upper = (lower + 1).clamp(max=num_atoms - 1)
+    projected = torch.zeros_like(next_probs)
+    projected.scatter_add_(1, lower, next_probs * (1.0 - upper_weight))
+    projected.scatter_add_(1, upper, next_probs * upper_weight)
+    return projected
+
+
+def copy_weights(source, destination):
+    """Hand a network from one role to another: overwrite the destination's parameters in place."""
+    with torch.no_grad():
+        for src, dst in zip(source.state_dict().values(), destination.state_dict().values()):
+            dst.copy_(src, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The actor role: data collection with mixed exploration
+# ---------------------------------------------------------------------------------------------
+def exploration_stds(num_envs, std_min, std_max, device):
+    """Mixed exploration (paper, Sec. 3.3): env i always uses noise std sigma_i, spread evenly
+    over [std_min, std_max], so one batch of envs explores at many scales at once."""
+    return torch.linspace(std_min, std_max, num_envs, device=device)
+
+
+@torch.no_grad()
+def explore(policy, obs_normalizer, obs, noise_stds):
+    actions = policy(obs_normalizer.normalize(obs))
+    noise = torch.randn_like(actions) * noise_stds[:, None]
+    return (actions + noise).clamp(-1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The V-learner: one critic update
+# ---------------------------------------------------------------------------------------------
+def update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, args):
+    obs, actions, n_step_reward, bootstrap_obs, discount, valid = batch
+    obs, bootstrap_obs = obs_normalizer.normalize(obs), obs_normalizer.normalize(bootstrap_obs)
+    with torch.no_grad():
+        # Target policy smoothing (TD3); PQL has no target actor: the latest policy copy acts.
+        next_actions = target_policy(bootstrap_obs)
+        noise = (torch.randn_like(next_actions) * args.target_policy_noise).clamp(-args.target_noise_clip, args.target_noise_clip)
+        next_actions = (next_actions + noise).clamp(-1.0, 1.0)
+        if critic.distributional:
+            # Clipped double Q for distributions: per sample, take the target critic whose mean is
+            # lower (as FastTD3 does), project its shifted distribution and train both heads on it
+            # with cross-entropy, the C51 loss. The public code instead takes the element-wise min
+            # of the two projected distributions, which no longer sums to 1, under a binary
+            # cross-entropy loss; we keep the standard, proper distribution.
+            logits1, logits2 = critic_target.logits(bootstrap_obs, next_actions)
+            lower_is_1 = critic_target.mean_value(logits1) < critic_target.mean_value(logits2)
+            next_probs = torch.softmax(torch.where(lower_is_1[:, None], logits1, logits2), dim=1)
+            target_probs = project_onto_atoms(next_probs, n_step_reward, discount, critic.atoms)
+            target_mean = n_step_reward + discount * (next_probs * critic.atoms).sum(1)
+            outside_support = ((target_mean < args.v_min) | (target_mean > args.v_max)).float().mean()
+        else:
+            target_q1, target_q2 = critic_target(bootstrap_obs, next_actions)
+            target = n_step_reward + discount * torch.min(target_q1, target_q2)
+            outside_support = torch.zeros((), device=obs.device)
+    if critic.distributional:
+        logits1, logits2 = critic.logits(obs, actions)
+        log_probs = torch.log_softmax(logits1, dim=1) + torch.log_softmax(logits2, dim=1)
+        errors = -(target_probs * log_probs).sum(1)
+        q1 = critic.mean_value(logits1)
+    else:
+        q1, q2 = critic(obs, actions)
+        errors = (q1 - target) ** 2 + (q2 - target) ** 2
+    # `valid` masks the rare rows that are not real transitions (see envs.py, Isaac Gym adapter).
+    critic_loss = (valid * errors).sum() / valid.sum().clamp(min=1.0)
+    critic_optimizer.zero_grad(set_to_none=True)
+    critic_loss.backward()
+    nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+    critic_optimizer.step()
+    with torch.no_grad():  # Polyak averaging after every V-update
+        for param, target_param in zip(critic.parameters(), critic_target.parameters()):
+            target_param.lerp_(param, args.tau)
+    return critic_loss.detach(), q1.detach().mean(), outside_support
+
+
+# ---------------------------------------------------------------------------------------------
+# The P-learner: one policy update
+# ---------------------------------------------------------------------------------------------
+def update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs, args):
+    obs = obs_normalizer.normalize(obs)
+    q1, q2 = policy_critic(obs, actor(obs))  # policy_critic is a frozen copy: no critic gradients
+    actor_loss = -torch.min(q1, q2).mean()
+    actor_optimizer.zero_grad(set_to_none=True)
+    actor_loss.backward()
+    nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+    actor_optimizer.step()
+    return actor_loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of a checkpoint
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(checkpoint_path, episodes, device, seed):
+    checkpoint = torch.load(checkpoint_path, map_location=device)
+    trained = Args(**{k: tuple(v) if k == "hidden_dims" else v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
+    env = envs.make_env(trained.task, episodes, device=device, seed=seed)
+    actor = Actor(env.obs_dim, env.act_dim, trained.hidden_dims).to(device)
+    actor.load_state_dict(checkpoint["actor"])
+    obs_normalizer = ObsNormalizer(env.obs_dim, trained.obs_clip, device)
+    obs_normalizer.load_state_dict(checkpoint["obs_normalizer"])
+    # One episode per env: run until every env has finished its first episode.
+    returns = torch.zeros(episodes, device=device)
+    lengths = torch.zeros(episodes, device=device)
+    finished = torch.zeros(episodes, dtype=torch.bool, device=device)
+    obs = env.reset()
+    for _ in range(env.max_episode_length + 2):  # +2: an Isaac Gym lazy reset step, and slack
+        obs, _, terminated, truncated, info = env.step(actor(obs_normalizer.normalize(obs)))
+        just_finished = (terminated | truncated) & ~finished
+        returns = torch.where(just_finished, info["episode_return"], returns)
+        lengths = torch.where(just_finished, info["episode_length"], lengths)
+        finished |= just_finished
+        if bool(finished.all()):
+            break
+    returns, lengths = returns[finished].cpu(), lengths[finished].cpu()
+    print(
+        f"{trained.task}: mean return {returns.mean():.2f} +- {returns.std(unbiased=False):.2f}"
+        f" over {len(returns)} episodes (mean length {lengths.mean():.1f}), checkpoint {checkpoint_path}"
+    )
+    return returns
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the roles in parallel: ratios by counting, hand-off of networks, CUDA streams
+# ---------------------------------------------------------------------------------------------
+ACTOR_LEAD_ITERATIONS = 1  # the actor may run this many iterations ahead of the V-learner's quota
+P_LAG_UPDATES = 2  # the V-learner waits when the P-learner falls this many P-updates behind
+MAX_UPDATES_IN_FLIGHT = 2  # a learner queues at most this many updates on its GPU stream
+
+
+class Coordinator:
+    """Counts the work of the three roles and makes whichever runs ahead wait (paper, Sec. 3.2:
+    the ratios beta_a:v and beta_p:v). The public code held them approximately by timing and
+    sleeping; counting holds them exactly, whatever the load. Also carries the stop flag and
+    the first exception raised in any thread."""
+
+    def __init__(self, args):
+        self.args = args
+        self.condition = threading.Condition()
+        self.iterations = 0  # env steps of all envs written to the replay buffer
+        self.v_updates = 0
+        self.p_updates = 0
+        self.stopping = False
+        self.error = None
+
+    # The three rules, evaluated under the lock. No role can deadlock: whenever one rule is
+    # false, the role it waits for has a true one.
+    def actor_may_step(self):
+        # Iteration i may start once the V-learner has done its updates for iteration
+        # i - 1 - ACTOR_LEAD_ITERATIONS: the actor collects while the V-learner trains.
+        behind = self.iterations - self.args.warmup_iterations - ACTOR_LEAD_ITERATIONS
+        return behind <= 0 or self.v_updates >= self.args.v_updates_per_env_step * behind
+
+    def v_learner_may_update(self):
+        learning_iterations = self.iterations - self.args.warmup_iterations
+        data_allows = self.v_updates < self.args.v_updates_per_env_step * learning_iterations
+        p_keeps_up = self.p_updates >= (self.v_updates + 1) // self.args.v_updates_per_p_update - P_LAG_UPDATES
+        return data_allows and p_keeps_up
+
+    def p_learner_may_update(self):
+        return (self.p_updates + 1) * self.args.v_updates_per_p_update <= self.v_updates
+
+    def wait_until(self, rule):
+        """Block until rule() holds (True) or the run is stopping (False)."""
+        with self.condition:
+            while not (self.stopping or rule()):
+                self.condition.wait(timeout=0.1)  # the timeout only guards against a lost wake-up
+            return not self.stopping
+
+    def count(self, counter):
+        with self.condition:
+            setattr(self, counter, getattr(self, counter) + 1)
+            self.condition.notify_all()
+
+    def stop(self, error=None):
+        with self.condition:
+            if error is not None and self.error is None:
+                self.error = error
+            self.stopping = True
+            self.condition.notify_all()
+
+
+def synchronize(*devices):
+    """Wait for this thread's current stream on each CUDA device (a no-op on the CPU)."""
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+
+
+class Mailbox:
+    """Hands the latest weights of one role's networks to the other roles.
+
+    The owner copies its networks into a snapshot on its own device (`publish`); a consumer
+    copies the snapshot into its own network, on any device (`fetch`). Both happen under one
+    lock and each side waits for its copy on the GPU before releasing the lock, so a consumer
+    never reads a half-written snapshot and the owner never overwrites one being read.
+    """
+
+    def __init__(self, modules, device):
+        self.snapshots = {name: copy.deepcopy(module) for name, module in modules.items()}
+        self.device = device
+        self.version = 0  # bumped by every publish
+        self.lock = threading.Lock()
+
+    def publish(self, modules):
+        with self.lock:
+            for name, module in modules.items():
+                copy_weights(module, self.snapshots[name])
+            synchronize(self.device)
+            self.version += 1
+
+    def fetch(self, name, destination, device, seen_version):
+        """Copy the snapshot `name` into destination if it is newer than seen_version; return
+        the version the destination now holds."""
+        if self.version == seen_version:  # reading an int needs no lock: at worst we copy next time
+            return seen_version
+        with self.lock:
+            copy_weights(self.snapshots[name], destination)
+            synchronize(device, self.device)
+            return self.version
+
+
+class InFlightLimit:
+    """Lets a thread queue at most `limit` updates on its CUDA stream before it waits for the
+    oldest. The CPU then never runs far ahead of the GPU, so the Coordinator's counts are what
+    the GPU has done, give or take `limit` (the overwrite guard of the replay buffer relies on it)."""
+
+    def __init__(self, device, limit=MAX_UPDATES_IN_FLIGHT):
+        self.device, self.limit, self.events = device, limit, collections.deque()
+
+    def mark(self):
+        if self.device.type != "cuda":
+            return  # on the CPU every operation has finished when it returns
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.events.append(event)
+        if len(self.events) > self.limit:
+            self.events.popleft().synchronize()
+
+
+def overwrite_guard(args):
+    """Rows at the old end of each env's ring that learners must not sample, because the actor
+    may be overwriting them while a learner's sample still waits on its GPU stream.
+
+    A learner's sample runs before its counter grows by 1 + MAX_UPDATES_IN_FLIGHT; meanwhile
+    the V-learner may do up to v_updates_per_p_update * (1 + MAX_UPDATES_IN_FLIGHT +
+    P_LAG_UPDATES) updates more, each worth 1 / v_updates_per_env_step env steps, and the actor
+    may lead by ACTOR_LEAD_ITERATIONS + 1: at most this many columns are written meanwhile.
+    """
+    worst_v_updates = args.v_updates_per_p_update * (1 + MAX_UPDATES_IN_FLIGHT + P_LAG_UPDATES)
+    return ACTOR_LEAD_ITERATIONS + 2 + math.ceil(worst_v_updates / args.v_updates_per_env_step)
+
+
+def role_streams(*devices):
+    """Give this thread its own CUDA stream on each device it uses, so the roles' kernels run
+    concurrently instead of queueing on the default stream. Nothing on the CPU."""
+    streams = contextlib.ExitStack()
+    for device in dict.fromkeys(devices):
+        if device.type == "cuda":
+            streams.enter_context(torch.cuda.stream(torch.cuda.Stream(device)))
+    return streams
+
+
+class SharedReplay:
+    """The replay buffer with the synchronisation its writer and readers need.
+
+    The actor writes a column on its stream, records `written` after it, and only then, under
+    the lock, the new column becomes visible (ReplayBuffer.pos/size move in the same critical
+    section). A learner, under the same lock, makes its stream wait for `written` before it
+    enqueues a sample. So a learner's sample can only see columns whose writes come before it on
+    the GPU; and the columns the actor may overwrite concurrently are excluded by the buffer's
+    overwrite guard. Together: no sample ever reads a half-written row.
+    """
+
+    def __init__(self, replay_buffer, coordinator):
+        self.buffer, self.coordinator = replay_buffer, coordinator
+        self.written = torch.cuda.Event() if replay_buffer.device.type == "cuda" else None
+
+    def add(self, *transition):
+        with self.coordinator.condition:
+            self.buffer.add(*transition)
+            if self.written is not None:
+                self.written.record(torch.cuda.current_stream(self.buffer.device))
+
+    def sample(self, args):
+        with self.coordinator.condition:
+            if self.written is not None:
+                torch.cuda.current_stream(self.buffer.device).wait_event(self.written)
+            return self.buffer.sample(args.batch_size, args.nstep, args.gamma)
+
+
+def run_role(coordinator, role, *role_args):
+    """Thread body: run a role; on any exception stop every role and keep it for the main thread."""
+    try:
+        role(coordinator, *role_args)
+    except BaseException as error:  # noqa: B036 -- re-raised by the main thread
+        coordinator.stop(error)
+
+
+def v_learner(coordinator, shared_replay, critic, critic_target, critic_optimizer, target_policy, obs_normalizer,
+              policy_mailbox, critic_mailbox, normalizer_mailbox, stats, device, args):
+    with role_streams(device):
+        in_flight, policy_version, normalizer_version = InFlightLimit(device), -1, -1
+        while coordinator.wait_until(coordinator.v_learner_may_update):
+            policy_version = policy_mailbox.fetch("actor", target_policy, device, policy_version)
+            normalizer_version = normalizer_mailbox.fetch("obs_normalizer", obs_normalizer, device, normalizer_version)
+            batch = shared_replay.sample(args)
+            critic_loss, q_mean, outside_support = update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, args)
+            stats["critic_loss"] += critic_loss
+            stats["q_mean"] += q_mean
+            stats["outside_support"] += outside_support
+            stats["critic_nonfinite"] += (~torch.isfinite(critic_loss)).double()
+            in_flight.mark()
+            coordinator.count("v_updates")
+            if coordinator.v_updates % args.sync_interval == 0:
+                critic_mailbox.publish({"critic": critic, "critic_target": critic_target})
+
+
+def p_learner(coordinator, shared_replay, actor, actor_optimizer, policy_critic, obs_normalizer,
+              policy_mailbox, critic_mailbox, normalizer_mailbox, stats, device, args):
+    with role_streams(device, shared_replay.buffer.device):
+        in_flight, critic_version, normalizer_version = InFlightLimit(device), -1, -1
+        while coordinator.wait_until(coordinator.p_learner_may_update):
+            critic_version = critic_mailbox.fetch("critic", policy_critic, device, critic_version)
+            normalizer_version = normalizer_mailbox.fetch("obs_normalizer", obs_normalizer, device, normalizer_version)
+            obs_batch = shared_replay.sample(args)[0].to(device, non_blocking=True)
+            actor_loss = update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs_batch, args)
+            stats["actor_loss"] += actor_loss
+            stats["actor_nonfinite"] += (~torch.isfinite(actor_loss)).double()
+            in_flight.mark()
+            coordinator.count("p_updates")
+            if coordinator.p_updates % args.sync_interval == 0:
+                policy_mailbox.publish({"actor": actor})
+
+
+# ---------------------------------------------------------------------------------------------
+# The main loop: the actor in the main thread, the V-learner and P-learner in their own threads
+# ---------------------------------------------------------------------------------------------
+def train(args, env, devices):
+    actor_device, v_device, p_device = devices
+    # The loop below watches for non-finite values itself and reports the step where they appeared;
+    # the env's own check of the actions would stop it one step later, and costs a host sync.
+    env.check_finite_actions = False
+    reward_scale = args.reward_scale if args.reward_scale is not None else DEFAULT_REWARD_SCALES.get(args.task, 1.0)
+    capacity = args.buffer_size // args.num_envs
+    writer, checkpoint_path = start_run(args, reward_scale)
+
+    # Placement as in the paper: the replay buffer and the critic live with the V-learner.
+    obs_normalizer = ObsNormalizer(env.obs_dim, args.obs_clip, actor_device)
+    replay_buffer = ReplayBuffer(args.num_envs, capacity, env.obs_dim, env.act_dim, v_device, overwrite_guard(args))
+    actor = Actor(env.obs_dim, env.act_dim, args.hidden_dims).to(p_device)
+    critic = make_critic(env.obs_dim, env.act_dim, args).to(v_device)
+    critic_target = copy.deepcopy(critic).requires_grad_(False)
+    actor_optimizer = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr)
+    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr)
+    # Each role acts on its own copy of the networks it does not train (paper, Sec. 3.1).
+    acting_policy = copy.deepcopy(actor).requires_grad_(False).to(actor_device)  # the actor role's policy
+    target_policy = copy.deepcopy(actor).requires_grad_(False).to(v_device)  # the V-learner's, for target actions
+    policy_critic = copy.deepcopy(critic).requires_grad_(False).to(p_device)  # the P-learner's critic
+    v_normalizer = ObsNormalizer(env.obs_dim, args.obs_clip, v_device)  # the learners' copies of the statistics
+    p_normalizer = ObsNormalizer(env.obs_dim, args.obs_clip, p_device)
+    noise_stds = exploration_stds(args.num_envs, args.std_min, args.std_max, actor_device)
+
+    coordinator = Coordinator(args)
+    shared_replay = SharedReplay(replay_buffer, coordinator)
+    policy_mailbox = Mailbox({"actor": actor}, p_device)
+    critic_mailbox = Mailbox({"critic": critic, "critic_target": critic_target}, v_device)
+    normalizer_mailbox = Mailbox({"obs_normalizer": obs_normalizer}, actor_device)
+    # Each role sums its statistics on its own device (float64: these sums are never reset) and
+    # the main thread reads them at logging intervals; a slightly stale read only shifts a log.
+    actor_stats = {name: torch.zeros((), dtype=torch.float64, device=actor_device) for name in ["return_sum", "length_sum", "episodes"]}
+    v_stats = {name: torch.zeros((), dtype=torch.float64, device=v_device) for name in ["critic_loss", "q_mean", "outside_support", "critic_nonfinite"]}
+    p_stats = {name: torch.zeros((), dtype=torch.float64, device=p_device) for name in ["actor_loss", "actor_nonfinite"]}
+    # Iteration of the first non-finite observation (inf: none yet), kept on the device.
+    first_nonfinite_iteration = torch.full((), float("inf"), device=actor_device)
+    iteration_on_device = torch.zeros((), device=actor_device)
+
+    threads = [
+        threading.Thread(target=run_role, name="v-learner", daemon=True, args=(
+            coordinator, v_learner, shared_replay, critic, critic_target, critic_optimizer, target_policy, v_normalizer,
+            policy_mailbox, critic_mailbox, normalizer_mailbox, v_stats, v_device, args)),
+        threading.Thread(target=run_role, name="p-learner", daemon=True, args=(
+            coordinator, p_learner, shared_replay, actor, actor_optimizer, policy_critic, p_normalizer,
+            policy_mailbox, critic_mailbox, normalizer_mailbox, p_stats, p_device, args)),
+    ]
+    for thread in threads:
+        thread.start()
+
+    global_step, mean_return, policy_version = 0, float("nan"), -1
+    last_log = {"iterations": args.warmup_iterations, "v_updates": 0, "p_updates": 0}
+    last_sums = {}
+    start_time = last_save_time = time.time()
+    progress = tqdm(total=args.total_timesteps, unit="step", unit_scale=True, dynamic_ncols=True)
+    exit_code, iteration, error = 0, 0, None
+    try:
+        with role_streams(actor_device, v_device):
+            obs = env.reset()
+            while global_step < args.total_timesteps and time.time() - start_time < args.max_time:
+                if not coordinator.wait_until(coordinator.actor_may_step):
+                    break  # a learner failed: its exception is re-raised below
+                # ---- actor: one step of all envs ----
+                if iteration < args.warmup_iterations:
+                    actions = torch.rand(args.num_envs, env.act_dim, device=actor_device) * 2 - 1
+                else:
+                    policy_version = policy_mailbox.fetch("actor", acting_policy, actor_device, policy_version)
+                    actions = explore(acting_policy, obs_normalizer, obs, noise_stds)
+                next_obs, rewards, terminated, truncated, info = env.step(actions)
+                if args.timeouts_as_terminal:
+                    terminated = terminated | truncated
+                shared_replay.add(obs, actions, rewards * reward_scale, info["final_obs"], terminated, truncated, info["valid"])
+                obs_normalizer.update(next_obs)
+                obs = next_obs
+                global_step += args.num_envs
+                ended = (terminated | truncated).double()
+                actor_stats["return_sum"] += (info["episode_return"] * ended).sum()
+                actor_stats["length_sum"] += (info["episode_length"] * ended).sum()
+                actor_stats["episodes"] += ended.sum()
+                first_nonfinite_iteration = torch.where(torch.isfinite(next_obs).all(), first_nonfinite_iteration,
+                                                        torch.minimum(first_nonfinite_iteration, iteration_on_device))
+                iteration_on_device += 1
+                iteration += 1
+                coordinator.count("iterations")
+                if iteration % args.sync_interval == 0:
+                    normalizer_mailbox.publish({"obs_normalizer": obs_normalizer})
+                progress.update(args.num_envs)
+
+                # ---- logging and checkpoints: the only host syncs of the actor's loop ----
+                if iteration % args.log_interval == 0:
+                    bad_iteration = first_nonfinite_iteration.item()
+                    nonfinite_updates = v_stats["critic_nonfinite"].item() + p_stats["actor_nonfinite"].item()
+                    if bad_iteration != float("inf") or nonfinite_updates > 0:
+                        where = (f"observation at env step {(int(bad_iteration) + 1) * args.num_envs} (iteration {int(bad_iteration)})"
+                                 if bad_iteration != float("inf") else f"loss before env step {global_step}")
+                        print(f"error: non-finite {where}; stopping, the last good checkpoint is {checkpoint_path}", file=sys.stderr)
+                        exit_code = 1
+                        break
+                    mean_return, last_log, last_sums = log_interval(
+                        writer, coordinator, [actor_stats, v_stats, p_stats], last_log, last_sums, global_step,
+                        time.time() - start_time, mean_return, progress, args)
+                    if time.time() - last_save_time > args.save_interval:
+                        save_published_checkpoint(checkpoint_path, policy_mailbox, critic_mailbox, obs_normalizer, args, global_step)
+                        last_save_time = time.time()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at env step {global_step}; saving {checkpoint_path}", file=sys.stderr)
+        exit_code = 130
+    except BaseException as main_error:  # noqa: B036 -- stop the learners, save, then re-raise
+        error = main_error
+    # ---- shutdown: stop every role, wait (never forever), flush, re-raise a thread's exception ----
+    coordinator.stop()
+    for thread in threads:
+        thread.join(timeout=5.0)  # each role checks the stop flag between updates
+    error = error or coordinator.error
+    progress.close()
+    for device in set(devices):  # the learners' streams too, before reading their weights
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if exit_code != 1 and not any(thread.is_alive() for thread in threads):
+        save_checkpoint(checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step)
+        print(f"saved {checkpoint_path} after {global_step} env steps; latest mean return {mean_return:.2f}")
+    writer.close()
+    if error is not None:
+        raise error
+    return exit_code
+
+
+def log_interval(writer, coordinator, stats_dicts, last_log, last_sums, global_step, elapsed, mean_return, progress, args):
+    """Turn the roles' running sums into sums over the last interval, write them with the
+    achieved ratios, and return the new reference points."""
+    sums = {name: value.item() for stats in stats_dicts for name, value in stats.items()}
+    with coordinator.condition:
+        counts = {"iterations": coordinator.iterations, "v_updates": coordinator.v_updates, "p_updates": coordinator.p_updates}
+    values = {name: value - last_sums.get(name, 0.0) for name, value in sums.items()}
+    values["v_updates"] = counts["v_updates"] - last_log["v_updates"]
+    values["p_updates"] = counts["p_updates"] - last_log["p_updates"]
+    mean_return = write_scalars(writer, values, global_step, counts["v_updates"], elapsed, mean_return, progress, args)
+    learning_iterations = counts["iterations"] - max(last_log["iterations"], args.warmup_iterations)
+    if learning_iterations > 0:
+        writer.add_scalar("charts/v_updates_per_env_step", values["v_updates"] / learning_iterations, global_step)
+    if values["p_updates"] > 0:
+        writer.add_scalar("charts/v_updates_per_p_update", values["v_updates"] / values["p_updates"], global_step)
+    return mean_return, counts, sums
+
+
+def save_published_checkpoint(path, policy_mailbox, critic_mailbox, obs_normalizer, args, global_step):
+    """A checkpoint while the learners train: from the published snapshots, under their locks,
+    so it never mixes half-updated weights."""
+    with policy_mailbox.lock, critic_mailbox.lock:
+        save_checkpoint(path, policy_mailbox.snapshots["actor"], critic_mailbox.snapshots["critic"],
+                        critic_mailbox.snapshots["critic_target"], obs_normalizer, args, global_step)
+
+
+def main():
+    args = tyro.cli(Args)
+    # Everything that can be wrong with the input is checked here, before any work starts.
+    try:
+        validate_args(args)
+        device = resolve_device(args.device)
+        if args.eval_checkpoint is not None:
+            if not os.path.isfile(args.eval_checkpoint):
+                raise ValueError(f"--eval-checkpoint {args.eval_checkpoint}: no such file")
+        else:
+            if args.sync_interval < 1:
+                raise ValueError(f"--sync-interval must be >= 1, got {args.sync_interval}")
+            devices = tuple(resolve_device(name) if name is not None else device
+                            for name in (args.actor_device, args.v_learner_device, args.p_learner_device))
+            random.seed(args.seed)
+            np.random.seed(args.seed)
+            torch.manual_seed(args.seed)
+            env = envs.make_env(args.task, args.num_envs, device=devices[0], seed=args.seed)
+            capacity = args.buffer_size // args.num_envs
+            if capacity <= overwrite_guard(args):
+                raise ValueError(f"--buffer-size ({args.buffer_size}) must hold more than {overwrite_guard(args)} rows per env"
+                                 f" (the rows the actor may be overwriting), i.e. > {overwrite_guard(args) * args.num_envs}")
+            check_buffer_fits(ReplayBuffer.bytes_needed(args.num_envs, capacity, env.obs_dim, env.act_dim), devices[1])
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.eval_checkpoint is not None:
+        evaluate(args.eval_checkpoint, args.eval_episodes, device, args.seed)
+        return 0
+    return train(args, env, devices)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
