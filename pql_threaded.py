@@ -914,7 +914,7 @@ def train(args, env, devices):
                         print(f"error: non-finite {where}; stopping, the last good checkpoint is {checkpoint_path}", file=sys.stderr)
                         exit_code = 1
                         break
-                    mean_return, last_log, last_sums = log_interval(
+                    mean_return, last_log, last_sums = log_progress(
                         writer, coordinator, [actor_stats, v_stats, p_stats], last_log, last_sums, global_step,
                         time.time() - start_time, mean_return, progress, args)
                     if time.time() - last_save_time > args.save_interval:
@@ -943,7 +943,7 @@ def train(args, env, devices):
     return exit_code
 
 
-def log_interval(writer, coordinator, stats_dicts, last_log, last_sums, global_step, elapsed, mean_return, progress, args):
+def log_progress(writer, coordinator, stats_dicts, last_log, last_sums, global_step, elapsed, mean_return, progress, args):
     """Turn the roles' running sums into sums over the last interval, write them with the
     achieved ratios, and return the new reference points."""
     sums = {name: value.item() for stats in stats_dicts for name, value in stats.items()}

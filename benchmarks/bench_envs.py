@@ -14,7 +14,9 @@ simulation is never what a PQL actor waits on.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import platform
 import statistics
 import sys
 import time
@@ -60,6 +62,20 @@ def time_per_call(fn, device: torch.device, repeats: int, min_seconds: float = 0
     return statistics.median(times)
 
 
+def machine_name(device: torch.device) -> str:
+    """The CPU model and core count, and the GPU's name when timing on one: every table needs it."""
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    name = f"{cpu}, {os.cpu_count()} cores"
+    if device.type == "cuda":
+        name += f", GPU {torch.cuda.get_device_name(device)}"
+    return name
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -71,6 +87,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
 
+    print(f"machine: {machine_name(device)}; date {datetime.date.today()}")
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
           f"finite-action check {'off' if args.no_check_finite else 'on'}")
     header = f"{'task':<16}{'num_envs':>9}{'step (us)':>12}{'env steps/s':>14}{'forward (us)':>14}{'step/forward':>14}"

@@ -1,0 +1,107 @@
+"""Env steps and wall-clock minutes for PQL to reach the solved score on each built-in task.
+
+Runs each variant (a training script and its flags: pql.py, pql_threaded.py, pql.py with the
+distributional critic) in subprocesses with the settings below, one run at a time,
+reads the TensorBoard scalars they write, and prints a Markdown table for the README: the first
+logged point where the mean training episodic return (with exploration noise) reaches the solved
+score, as env steps and as seconds of training (from charts/SPS = env steps / seconds).
+
+    python benchmarks/solve_times.py                      # the README's table, on this machine
+    python benchmarks/solve_times.py --quick              # a smoke run of a few minutes
+    python benchmarks/solve_times.py --device cuda --tasks Pendulum --variants pql.py pql_threaded.py
+"""
+import argparse
+import datetime
+import glob
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Solved score (mean training return), env-step budget, and settings per task. The settings are the
+# README's CPU quick-start: small networks and few envs, so that a 2-core machine solves each task in minutes.
+TASKS = {
+    "Pendulum": dict(solved=-200.0, budget=100_000, quick=64 * 210, flags=["--num-envs", "64", "--hidden-dims", "64", "64", "--batch-size", "1024"]),
+    "Reacher": dict(solved=-8.0, budget=100_000, quick=64 * 60, flags=["--num-envs", "64", "--hidden-dims", "128", "128", "--batch-size", "1024"]),
+    "CartpoleSwingup": dict(solved=700.0, budget=300_000, quick=64 * 1010, flags=["--num-envs", "64", "--hidden-dims", "128", "128", "--batch-size", "1024"]),
+}
+VARIANTS = ["pql.py", "pql_threaded.py", "pql.py --distributional"]
+
+
+def read_scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return [(s.step, s.value) for s in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def time_to_solve(run_dir, solved):
+    """(env steps, seconds, final return) at the first logged return >= solved, or (None, None, final)."""
+    returns = read_scalars(run_dir, "charts/episodic_return")
+    sps = dict(read_scalars(run_dir, "charts/SPS"))
+    final = returns[-1][1] if returns else float("nan")
+    for step, value in returns:
+        if value >= solved:
+            return step, step / sps[step], final
+    return None, None, final
+
+
+def run(variant, index, task, seed, device, budget, flags, workdir, extra):
+    script, *variant_flags = variant.split()
+    exp_name = f"bench{index}"
+    command = [sys.executable, os.path.join(REPO, script), "--task", task, "--seed", str(seed), "--device", device,
+               "--total-timesteps", str(budget), "--exp-name", exp_name, *flags, *variant_flags, *extra]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    (run_dir,) = glob.glob(os.path.join(workdir, "runs", f"{task}__{exp_name}__{seed}__*"))
+    return run_dir, " ".join(command[1:]).replace(REPO + "/", "")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="training scripts, each with its flags, to compare")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="one episode's budget, one seed: checks the pipeline only")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to every run")
+    args = parser.parse_args()
+    seeds = args.seeds[:1] if args.quick else args.seeds
+
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for task in args.tasks:
+            spec = TASKS[task]
+            budget = spec["quick"] if args.quick else spec["budget"]  # quick: just past one episode
+            for index, variant in enumerate(args.variants):
+                for seed in seeds:
+                    run_dir, command = run(variant, index, task, seed, args.device, budget, spec["flags"], workdir, args.extra)
+                    steps, seconds, final = time_to_solve(run_dir, spec["solved"])
+                    rows.append((task, variant, seed, spec["solved"], steps, seconds, final, command))
+                    print(f"# {task} {variant} seed {seed}: solved at {steps} steps, {seconds} s; final return {final:.1f}", flush=True)
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"\nMachine: {cpu}, {os.cpu_count()} cores, device {args.device}; date {datetime.date.today()}\n")
+    print("| task | variant | seed | solved score | env steps to solve | minutes to solve | final return | budget |")
+    print("|---|---|---|---|---|---|---|---|")
+    for task, variant, seed, solved, steps, seconds, final, command in rows:
+        budget = TASKS[task]["quick" if args.quick else "budget"]
+        solved_steps = f"{steps:,}" if steps is not None else f"not within {budget:,}"
+        minutes = f"{seconds / 60:.1f}" if seconds is not None else "-"
+        print(f"| {task} | `{variant}` | {seed} | {solved:g} | {solved_steps} | {minutes} | {final:.1f} | {budget:,} |")
+    print("\nCommands:")
+    for row in rows:
+        print(f"    python {row[-1]}")
+
+
+if __name__ == "__main__":
+    main()
