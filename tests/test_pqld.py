@@ -1,14 +1,12 @@
 """PQL-D: the C51 projection against the textbook loop (Bellemare et al. 2017, Algorithm 1),
 its edge cases, the distributional critic update, and learning with --distributional."""
-import glob
 import math
-import os
 
 import pytest
 import torch
 
 import pql
-from test_pql import run_pql
+from test_pql import learned_mean_return
 
 
 def loop_projection(probs, rewards, discounts, atoms):
@@ -112,10 +110,4 @@ def test_distributional_critic_update_uses_the_lower_target_and_cross_entropy():
 
 
 def test_learns_pendulum_distributional(tmp_path):
-    result = run_pql(["--task", "Pendulum", "--num-envs", "64", "--hidden-dims", "64", "64", "--batch-size", "1024",
-                      "--device", "cpu", "--total-timesteps", "51200", "--seed", "1", "--distributional"], tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
-    evaluation = run_pql(["--eval-checkpoint", os.path.join(run_dir, "model.pt"), "--eval-episodes", "20", "--device", "cpu"], tmp_path)
-    mean_return = float(evaluation.stdout.split("mean return ")[1].split()[0])
-    assert mean_return > -400, evaluation.stdout
+    assert learned_mean_return("pql.py", ["--distributional"], tmp_path) > -400

@@ -2,7 +2,6 @@
 import ast
 import os
 import subprocess
-import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What differs on purpose: the loop that runs the roles, and the entry point that sets it up.

@@ -1,7 +1,6 @@
 """pql_threaded.py: the roles in parallel on the CPU (threads without streams)."""
 import glob
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,7 @@ import time
 import pytest
 import torch
 
-from test_pql import REPO, read_scalars, restore_default_sigint
+from test_pql import REPO, interrupt_run, learned_mean_return, read_scalars
 
 SMALL = ["--task", "Pendulum", "--num-envs", "16", "--hidden-dims", "32", "32", "--batch-size", "64",
          "--buffer-size", "16000", "--device", "cpu", "--warmup-iterations", "4"]
@@ -79,22 +78,10 @@ def test_an_exception_in_a_learner_thread_ends_the_process_with_its_traceback(tm
 
 
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
-    process = subprocess.Popen([sys.executable, os.path.join(REPO, "pql_threaded.py"), *SMALL, "--total-timesteps", "100000000"],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=restore_default_sigint)
-    deadline = time.time() + 120
-    while not glob.glob(str(tmp_path / "runs" / "*" / "events.*")) and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(3)
-    process.send_signal(signal.SIGINT)
-    try:
-        _, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 130, err
+    returncode, err, global_step = interrupt_run("pql_threaded.py", SMALL, tmp_path)
+    assert returncode == 130, err
     assert "interrupted at env step" in err and "Traceback" not in err
-    (checkpoint,) = glob.glob(str(tmp_path / "runs" / "*" / "model.pt"))
-    assert torch.load(checkpoint, weights_only=False)["global_step"] > 0
+    assert global_step is not None and global_step > 0
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -111,11 +98,4 @@ def test_bad_parallel_flags_fail_before_any_work(tmp_path, flags, message):
 
 
 def test_learns_pendulum(tmp_path):
-    result = run_threaded(["--task", "Pendulum", "--num-envs", "64", "--hidden-dims", "64", "64", "--batch-size", "1024",
-                           "--device", "cpu", "--total-timesteps", "51200", "--seed", "1"], tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
-    evaluation = run_threaded(["--eval-checkpoint", os.path.join(run_dir, "model.pt"), "--eval-episodes", "20",
-                               "--device", "cpu"], tmp_path)
-    mean_return = float(evaluation.stdout.split("mean return ")[1].split()[0])
-    assert mean_return > -400, evaluation.stdout
+    assert learned_mean_return("pql_threaded.py", [], tmp_path) > -400
