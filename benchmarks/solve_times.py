@@ -49,6 +49,12 @@ def time_to_solve(run_dir, solved):
     return None, None, final
 
 
+def final_sps(run_dir):
+    """Env steps per second of training over the whole run (the last charts/SPS)."""
+    sps = read_scalars(run_dir, "charts/SPS")
+    return sps[-1][1] if sps else float("nan")
+
+
 def run(variant, index, task, seed, device, budget, flags, workdir, extra):
     script, *variant_flags = variant.split()
     exp_name = f"bench{index}"
@@ -81,7 +87,7 @@ def main():
                 for seed in seeds:
                     run_dir, command = run(variant, index, task, seed, args.device, budget, spec["flags"], workdir, args.extra)
                     steps, seconds, final = time_to_solve(run_dir, spec["solved"])
-                    rows.append((task, variant, seed, spec["solved"], steps, seconds, final, command))
+                    rows.append((task, variant, seed, spec["solved"], steps, seconds, final, final_sps(run_dir), command))
                     print(f"# {task} {variant} seed {seed}: solved at {steps} steps, {seconds} s; final return {final:.1f}", flush=True)
 
     cpu = platform.processor() or platform.machine()
@@ -91,13 +97,13 @@ def main():
     except (OSError, StopIteration):
         pass
     print(f"\nMachine: {cpu}, {os.cpu_count()} cores, device {args.device}; date {datetime.date.today()}\n")
-    print("| task | variant | seed | solved score | env steps to solve | minutes to solve | final return | budget |")
-    print("|---|---|---|---|---|---|---|---|")
-    for task, variant, seed, solved, steps, seconds, final, command in rows:
+    print("| task | variant | seed | solved score | env steps to solve | minutes to solve | final return | env steps/s | budget |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for task, variant, seed, solved, steps, seconds, final, sps, command in rows:
         budget = TASKS[task]["quick" if args.quick else "budget"]
         solved_steps = f"{steps:,}" if steps is not None else f"not within {budget:,}"
         minutes = f"{seconds / 60:.1f}" if seconds is not None else "-"
-        print(f"| {task} | `{variant}` | {seed} | {solved:g} | {solved_steps} | {minutes} | {final:.1f} | {budget:,} |")
+        print(f"| {task} | `{variant}` | {seed} | {solved:g} | {solved_steps} | {minutes} | {final:.1f} | {sps:,.0f} | {budget:,} |")
     print("\nCommands:")
     for row in rows:
         print(f"    python {row[-1]}")
