@@ -1,0 +1,92 @@
+"""The benchmark scripts keep working: each runs its quick mode with a tiny budget in a subprocess.
+
+No timing is asserted; only that each script finishes, prints its table with the expected rows,
+and that the figures are written. Needs benchmarks/requirements.txt (rsl-rl-lib, matplotlib).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "benchmarks")
+sys.path.insert(0, BENCH)
+
+
+def run_script(name, *args, timeout=300):
+    result = subprocess.run([sys.executable, os.path.join(BENCH, name), *map(str, args)], capture_output=True, text=True,
+                            timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def table_rows(out, first_cell):
+    return [line for line in out.splitlines() if line.startswith(f"| {first_cell}")]
+
+
+@pytest.fixture(scope="module")
+def learning_logs(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("learning")
+    out = run_script("learning_curves.py", "--quick", "--tasks", "Reacher", "--max-time", "4", "--logdir", logdir)
+    return logdir, out
+
+
+@pytest.fixture(scope="module")
+def scaling_logs(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("scaling")
+    out = run_script("scaling.py", "--quick", "--logdir", logdir)
+    return logdir, out
+
+
+def test_ppo_adapter_reports_time_limits_as_time_outs():
+    from ppo import RslRlVecEnv
+
+    import envs
+    env = envs.make_env("Pendulum", 4, device="cpu", seed=0)
+    vec_env = RslRlVecEnv(env, reward_scale=0.5)
+    assert vec_env.num_envs == 4 and vec_env.num_actions == 1 and vec_env.max_episode_length == 200
+    assert vec_env.get_observations()["policy"].shape == (4, 3)
+    raw_return = torch.zeros(4)
+    for t in range(1, 201):
+        obs, reward, dones, extras = vec_env.step(torch.zeros(4, 1))
+        raw_return += reward / 0.5
+        assert obs["policy"].shape == (4, 3)
+        assert bool((dones == 1).all()) == (t == 200) and bool((dones == 0).all()) == (t < 200)
+        assert torch.equal(extras["time_outs"], dones.bool())  # the built-in tasks only truncate
+    assert vec_env.episodes.item() == 4
+    assert vec_env.return_sum.item() == pytest.approx(raw_return.sum().item(), rel=1e-4)
+    assert int(vec_env.episode_length_buf.max()) == 0  # all reset together
+
+
+def test_learning_curves_quick(learning_logs):
+    logdir, out = learning_logs
+    for label in ["pql.py", "pql_threaded.py", "PPO (rsl_rl)"]:
+        rows = table_rows(out, "Reacher (-8) | " + label + " |")
+        assert len(rows) == 1, out
+    assert "Machine:" in out and "| Reacher | " in out, out  # the machine line and the ratios' row
+    again = run_script("learning_curves.py", "--no-run", "--logdir", logdir)
+    assert table_rows(again, "Reacher (-8)") == table_rows(out, "Reacher (-8)")
+
+
+def test_scaling_quick(scaling_logs):
+    _, out = scaling_logs
+    for script in ["pql.py", "pql_threaded.py"]:
+        rows = [row.split("|")[1:-1] for row in table_rows(out, script + " ")]
+        assert [row[1].strip() for row in rows] == ["256", "1,024"], out
+        assert [row[2].strip() for row in rows] == ["1,024", "2,048"], out
+        for row in rows:
+            assert float(row[5].replace(",", "")) > 0 and float(row[6]) > 0  # env steps/s, V-updates/s
+
+
+def test_plots(learning_logs, scaling_logs, tmp_path):
+    out = run_script("plots.py", "--learning-logdir", learning_logs[0], "--scaling-logdir", scaling_logs[0], "--out", tmp_path)
+    for name in ["learning_Reacher.png", "scaling.png"]:
+        path = tmp_path / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", out
+
+
+def test_solve_times_quick():
+    out = run_script("solve_times.py", "--quick", "--tasks", "Reacher", "--variants", "pql.py")
+    assert len(table_rows(out, "Reacher | `pql.py` | 1 |")) == 1, out
