@@ -2,9 +2,10 @@
 
     python benchmarks/plots.py            # reads benchmarks/logs/{learning,scaling}, writes docs/*.png
 
-Writes, for each task found in the learning logs, docs/learning_{task}.png: the mean training
-return over seeds (line) with its min-max over seeds (band) against env steps (log scale: PPO uses
-far more) and against training seconds, one colour per method, the solved score dashed. And
+Writes, for each task found in the learning logs, docs/learning_{task}.png: every logged mean
+training return (dots), and the mean over seeds (line) with its min-max (band) over the range all
+seeds cover, against env steps (log scale: PPO uses far more) and against training seconds, one
+colour per method, the solved score dashed. And
 docs/scaling.png: env steps/s and V-updates/s against num_envs (log-log) for each script. Every
 figure names the machine and the date of its runs.
 """
@@ -39,11 +40,13 @@ def curves(run_dir):
 
 
 def band(xs_per_seed, ys_per_seed, log_x):
-    """Mean, min and max over seeds on a common grid where every seed has data."""
+    """Mean, min and max over seeds on a grid over the x range every seed covers, or None where
+    that range is a single point or empty (a seed that logged one return, curves that do not
+    overlap): a mean there would leave seeds out, so only the logged points are drawn."""
     low = max(x[0] for x in xs_per_seed)
     high = min(x[-1] for x in xs_per_seed)
-    if high <= low:  # one point each, or curves that do not overlap: the first seed as it is
-        return xs_per_seed[0], ys_per_seed[0], ys_per_seed[0], ys_per_seed[0]
+    if high <= low:
+        return None
     grid = np.geomspace(low, high, 200) if log_x else np.linspace(low, high, 200)
     stacked = np.stack([np.interp(grid, x, y) for x, y in zip(xs_per_seed, ys_per_seed)])
     return grid, stacked.mean(0), stacked.min(0), stacked.max(0)
@@ -67,7 +70,15 @@ def plot_learning(logdir, out):
                 continue
             label = f"{learning_curves.LABELS[method]} ({len(data)} seed{'s' if len(data) > 1 else ''})"
             for ax, column, log_x in ((ax_steps, 0, True), (ax_time, 1, False)):
-                x, mean, low, high = band([d[column] for d in data], [d[2] for d in data], log_x)
+                # Every logged return as a dot: with few logged points (CartpoleSwingup logs one per
+                # 64,000 env steps at 64 envs) the dots are the data, the line only summarises it.
+                for d in data:
+                    ax.plot(d[column], d[2], "o", color=COLORS[method], markersize=3, alpha=0.6)
+                summary = band([d[column] for d in data], [d[2] for d in data], log_x)
+                if summary is None:
+                    ax.plot([], [], "o", color=COLORS[method], label=label + ", dots only")
+                    continue
+                x, mean, low, high = summary
                 ax.plot(x, mean, color=COLORS[method], label=label)
                 ax.fill_between(x, low, high, color=COLORS[method], alpha=0.2, linewidth=0)
         for ax, xlabel in ((ax_steps, "env steps"), (ax_time, "training seconds")):
@@ -77,7 +88,7 @@ def plot_learning(logdir, out):
             ax.grid(alpha=0.3)
         ax_steps.set_xscale("log")
         ax_time.legend(fontsize=8, loc="lower right")
-        fig.suptitle(f"{task}: PQL vs PPO, mean over seeds (band: min-max)")
+        fig.suptitle(f"{task}: PQL vs PPO (dots: logged returns; line and band: mean and min-max over seeds)")
         footer(fig, manifest)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         path = os.path.join(out, f"learning_{task}.png")

@@ -16,7 +16,7 @@ samples (learners), so the learners' share of the work grows half as fast as the
 The runs are kept under --logdir (emptied first; default benchmarks/logs/scaling) with a
 manifest.json (machine, date, commands), for benchmarks/plots.py.
 
-    python benchmarks/scaling.py                      # 256 .. 65536 envs, about 10 minutes on 2 cores
+    python benchmarks/scaling.py                      # 256 .. 65536 envs, 20 timed iterations each: about 8 minutes on 2 cores
     python benchmarks/scaling.py --quick              # 256 and 1024 envs, networks 64-64: a minute
     python benchmarks/scaling.py --device cuda --num-envs 4096 16384 65536
 """
@@ -47,11 +47,12 @@ def batch_size(num_envs):
     return int(round(64 * math.sqrt(num_envs)))
 
 
-def measured_iterations(num_envs, quick):
-    """Iterations timed after the first learning one: fewer where one iteration takes seconds on a CPU."""
-    if quick:
-        return 4
-    return 10 if num_envs <= 4096 else (5 if num_envs <= 16384 else 3)
+def measured_iterations(quick):
+    """Iterations timed after the first learning one. pql_threaded.py's actor may run up to one
+    iteration ahead of the learners, and how far ahead it is at the two timed points can differ by
+    up to one iteration, so its rates carry an error of up to 1/iterations: 20 keeps it under 5%.
+    The table's "V-updates per iteration" column shows it (8 when the two points agree)."""
+    return 4 if quick else 20
 
 
 def exp_name(script, num_envs):
@@ -60,7 +61,7 @@ def exp_name(script, num_envs):
 
 def run_one(script, num_envs, device, task, hidden_dims, quick, logdir):
     name = exp_name(script, num_envs)
-    iterations = WARMUP_ITERATIONS + 1 + measured_iterations(num_envs, quick)
+    iterations = WARMUP_ITERATIONS + 1 + measured_iterations(quick)
     command = [sys.executable, os.path.join(REPO, script), "--task", task, "--device", device, "--seed", "1",
                "--num-envs", str(num_envs), "--batch-size", str(batch_size(num_envs)),
                "--warmup-iterations", str(WARMUP_ITERATIONS), "--total-timesteps", str(num_envs * iterations),
@@ -98,13 +99,14 @@ def collect(logdir):
 
 def print_table(rows, header):
     print(header + "\n")
-    print("| script | num_envs | batch | iterations timed | s per iteration | env steps/s | V-updates/s | cost per iteration vs 256 envs |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| script | num_envs | batch | iterations timed | s per iteration | env steps/s | V-updates/s | V-updates per iteration | cost per iteration vs 256 envs |")
+    print("|---|---|---|---|---|---|---|---|---|")
     base = {r["script"]: r["seconds_per_iteration"] for r in rows if r["num_envs"] == min(x["num_envs"] for x in rows)}
     for r in rows:
         relative = r["seconds_per_iteration"] / base[r["script"]] if r["script"] in base else float("nan")
         print(f"| {r['script']} | {r['num_envs']:,} | {r['batch']:,} | {r['iterations']} | {r['seconds_per_iteration']:.3f} |"
-              f" {r['env_steps_per_s']:,.0f} | {r['v_updates_per_s']:.1f} | {relative:.1f}x |")
+              f" {r['env_steps_per_s']:,.0f} | {r['v_updates_per_s']:.1f} |"
+              f" {r['v_updates_per_s'] * r['seconds_per_iteration']:.2f} | {relative:.1f}x |")
 
 
 def main():

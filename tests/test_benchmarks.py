@@ -90,3 +90,20 @@ def test_plots(learning_logs, scaling_logs, tmp_path):
 def test_solve_times_quick():
     out = run_script("solve_times.py", "--quick", "--tasks", "Reacher", "--variants", "pql.py")
     assert len(table_rows(out, "Reacher | `pql.py` | 1 |")) == 1, out
+
+
+def test_plot_band_is_the_mean_min_and_max_over_the_range_all_seeds_cover():
+    import numpy as np
+    from plots import band
+
+    xs = [np.array([0.0, 10.0]), np.array([2.0, 6.0, 12.0])]
+    ys = [np.array([0.0, 10.0]), np.array([4.0, 0.0, 6.0])]
+    grid, mean, low, high = band(xs, ys, log_x=False)
+    assert grid[0] == 2.0 and grid[-1] == 10.0  # the range both seeds cover
+    for x, m, lo, hi in zip(grid, mean, low, high):
+        first = x  # y = x on [0, 10]
+        second = 4 - x + 2 if x <= 6 else (x - 6) / 6 * 6
+        assert m == pytest.approx((first + second) / 2) and lo == pytest.approx(min(first, second))
+        assert hi == pytest.approx(max(first, second))
+    # One seed logged a single return: no common range, so no mean that would leave it out.
+    assert band([np.array([64000.0]), np.array([64000.0, 128000.0])], [np.array([1.0]), np.array([2.0, 3.0])], True) is None
