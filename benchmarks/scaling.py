@@ -16,7 +16,7 @@ samples (learners), so the learners' share of the work grows half as fast as the
 The runs are kept under --logdir (emptied first; default benchmarks/logs/scaling) with a
 manifest.json (machine, date, commands), for benchmarks/plots.py.
 
-    python benchmarks/scaling.py                      # 256 .. 65536 envs, 20 timed iterations each: about 8 minutes on 2 cores
+    python benchmarks/scaling.py                      # 256 .. 65536 envs, 20 timed iterations each: about 7 minutes on 2 cores
     python benchmarks/scaling.py --quick              # 256 and 1024 envs, networks 64-64: a minute
     python benchmarks/scaling.py --device cuda --num-envs 4096 16384 65536
 """
