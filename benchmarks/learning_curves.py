@@ -154,6 +154,8 @@ def main():
     manifest_path = os.path.join(logdir, "manifest.json")
 
     if args.no_run:
+        if not os.path.isfile(manifest_path):
+            parser.error(f"--no-run: no runs in {logdir} (no manifest.json): run without --no-run first")
         with open(manifest_path) as f:
             manifest = json.load(f)
         budgets = manifest["budgets"]

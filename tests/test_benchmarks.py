@@ -107,3 +107,10 @@ def test_plot_band_is_the_mean_min_and_max_over_the_range_all_seeds_cover():
         assert hi == pytest.approx(max(first, second))
     # One seed logged a single return: no common range, so no mean that would leave it out.
     assert band([np.array([64000.0]), np.array([64000.0, 128000.0])], [np.array([1.0]), np.array([2.0, 3.0])], True) is None
+
+
+@pytest.mark.parametrize("name", ["learning_curves.py", "scaling.py"])
+def test_no_run_without_logs_names_the_flag(name, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(BENCH, name), "--no-run", "--logdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--no-run: no runs in" in result.stderr, result.stderr
