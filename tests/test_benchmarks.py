@@ -101,8 +101,8 @@ def test_plot_band_is_the_mean_min_and_max_over_the_range_all_seeds_cover():
     grid, mean, low, high = band(xs, ys, log_x=False)
     assert grid[0] == 2.0 and grid[-1] == 10.0  # the range both seeds cover
     for x, m, lo, hi in zip(grid, mean, low, high):
-        first = x  # y = x on [0, 10]
-        second = 4 - x + 2 if x <= 6 else (x - 6) / 6 * 6
+        first = x  # the line through (0, 0) and (10, 10)
+        second = 6 - x if x <= 6 else x - 6  # through (2, 4), (6, 0) and (12, 6)
         assert m == pytest.approx((first + second) / 2) and lo == pytest.approx(min(first, second))
         assert hi == pytest.approx(max(first, second))
     # One seed logged a single return: no common range, so no mean that would leave it out.
