@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -180,21 +181,36 @@ def validate_args(args):
             raise ValueError(message)
 
 
-def resolve_device(name):
+def resolve_device(name, flag="--device"):
+    """The torch.device that `flag` names, with an index on CUDA (`cuda` is the current GPU): a
+    thread that enters another GPU's stream changes its current device, so an index-less `cuda`
+    could later mean another GPU than the one the user meant."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"{flag} {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise ValueError(f"{flag} {name}: CUDA is not available on this machine (try {flag} cpu)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif device.type != "cpu":
-        raise ValueError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+        raise ValueError(f"{flag} {name!r}: use auto, cpu, cuda or cuda:N")
     return device
+
+
+def note_if_sized_for_a_gpu(args, device):
+    """The default sizes (4096 envs, batch 8192, networks 512-256-128) are made for a GPU; on a CPU
+    they run, slowly. Say so once, with the command that suits a CPU."""
+    if device.type == "cpu" and args.num_envs >= 1024:
+        script = os.path.basename(sys.argv[0]) or "pql.py"
+        print(f"note: --num-envs {args.num_envs} is sized for a GPU and is slow on a CPU; the CPU quick start is"
+              f" `python {script} --task Pendulum --num-envs 64 --hidden-dims 64 64 --batch-size 1024"
+              " --total-timesteps 100000`", file=sys.stderr)
 
 
 def check_buffer_fits(num_bytes, device):
@@ -211,7 +227,9 @@ def check_buffer_fits(num_bytes, device):
 
 
 def save_checkpoint(path, actor, critic, critic_target, obs_normalizer, args, global_step):
-    """Write to a temporary file, then rename: a crash never leaves a half-written model.pt."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written model.pt. Refuse
+    (return False, write nothing) if any weight or statistic is not finite, so a run that diverged
+    keeps its last good checkpoint."""
     checkpoint = {
         "actor": actor.state_dict(),
         "critic": critic.state_dict(),
@@ -220,9 +238,29 @@ def save_checkpoint(path, actor, critic, critic_target, obs_normalizer, args, gl
         "args": dataclasses.asdict(args),
         "global_step": global_step,
     }
+    tensors = [tensor for part in ["actor", "critic", "critic_target", "obs_normalizer"] for tensor in checkpoint[part].values()]
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in tensors if tensor.is_floating_point()):
+        return False
     tmp_path = path + ".tmp"
     torch.save(checkpoint, tmp_path)
     os.replace(tmp_path, path)
+    return True
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, a SLURM time limit and a container stop send), raised in the main
+    thread by `raise_terminated` and handled like Ctrl-C: save the checkpoint, then exit (143)."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def progress_bar(total):
+    """A progress bar that refreshes ten times a second on a terminal, and once a minute when the
+    output goes to a log file, which would otherwise fill with refreshes."""
+    on_terminal = sys.stderr.isatty()
+    return tqdm(total=total, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=0.1 if on_terminal else 60.0)
 
 
 def start_run(args, reward_scale):
@@ -352,20 +390,29 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch_size, nstep, gamma):
+        return self.gather(*self.sample_rows(batch_size), nstep, gamma)
+
+    def sample_obs(self, batch_size):
+        """Observations only: the P-learner needs no n-step windows."""
+        env_index, start, _ = self.sample_rows(batch_size)
+        return self.obs[env_index, start]
+
+    def sample_rows(self, batch_size):
+        """Uniformly random (env, row) pairs among the rows that may be sampled, and each row's age
+        (0: the newest row)."""
         env_index = torch.randint(0, self.num_envs, (batch_size,), device=self.device)
         sampleable_rows = min(self.size, self.capacity - self.overwrite_guard)
-        age = torch.randint(0, sampleable_rows, (batch_size,), device=self.device)  # 0: the newest row
-        return self.gather(env_index, age, nstep, gamma)
+        age = torch.randint(0, sampleable_rows, (batch_size,), device=self.device)
+        return env_index, (self.pos - 1 - age) % self.capacity, age
 
-    def gather(self, env_index, age, nstep, gamma):
-        """The n-step transitions starting `age` rows before the newest row of each env.
+    def gather(self, env_index, start, age, nstep, gamma):
+        """The n-step transitions starting at row `start` of each env, `age` rows before its newest.
 
         Returns obs, actions, the discounted reward sum over the window, the observation to
         bootstrap from, its discount (gamma^k, or 0 if the window ends in a termination) and the
         valid flag. The window is shorter than n (k < n) where the episode ends inside it, or
         where the rows after it are not written yet.
         """
-        start = (self.pos - 1 - age) % self.capacity
         offsets = torch.arange(nstep, device=self.device)
         rows = (start[:, None] + offsets) % self.capacity  # (batch, nstep)
         env_rows = env_index[:, None]
@@ -470,10 +517,12 @@ def project_onto_atoms(next_probs, n_step_reward, discount, atoms):
 
 
 def copy_weights(source, destination):
-    """Hand a network from one role to another: overwrite the destination's parameters in place."""
+    """Hand a network from one role to another: overwrite the destination's parameters in place.
+    Only a copy toward a GPU may return before it has landed; toward the CPU the values are needed
+    as soon as the call returns."""
     with torch.no_grad():
         for src, dst in zip(source.state_dict().values(), destination.state_dict().values()):
-            dst.copy_(src, non_blocking=True)
+            dst.copy_(src, non_blocking=dst.is_cuda)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,7 +668,7 @@ def train(args, env, device):
 
     global_step, v_updates, p_updates, mean_return = 0, 0, 0, float("nan")
     start_time = last_save_time = time.time()
-    progress = tqdm(total=args.total_timesteps, unit="step", unit_scale=True, dynamic_ncols=True)
+    progress = progress_bar(args.total_timesteps)
     obs = env.reset()
     exit_code, iteration = 0, 0
     try:
@@ -655,7 +704,7 @@ def train(args, env, device):
                     stats["v_updates"] += 1
                     finite &= torch.isfinite(critic_loss)
                     if v_updates % args.v_updates_per_p_update == 0:
-                        obs_batch = replay_buffer.sample(args.batch_size, args.nstep, args.gamma)[0]
+                        obs_batch = replay_buffer.sample_obs(args.batch_size)
                         actor_loss = update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs_batch, args)
                         p_updates += 1
                         stats["actor_loss"] += actor_loss
@@ -684,15 +733,20 @@ def train(args, env, device):
                     value.zero_()
                 mean_return = write_scalars(writer, sums, global_step, v_updates, time.time() - start_time, mean_return, progress, args)
                 if time.time() - last_save_time > args.save_interval:
-                    save_checkpoint(checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step)
+                    if not save_checkpoint(checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step):
+                        print(f"error: non-finite weights at env step {global_step}; stopping, the last good checkpoint is"
+                              f" {checkpoint_path}", file=sys.stderr)
+                        exit_code = 1
+                        break
                     last_save_time = time.time()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at env step {global_step}; saving {checkpoint_path}", file=sys.stderr)
-        exit_code = 130
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM raised as Terminated
+        received = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+        exit_code = 128 + received  # the shell's convention: 130 after Ctrl-C, 143 after SIGTERM
+        print(f"\ninterrupted at env step {global_step} ({received.name}); saving {checkpoint_path}", file=sys.stderr)
     progress.close()
     if exit_code != 1:  # after a non-finite value, keep the last good checkpoint instead
-        if first_nonfinite_iteration.item() == float("inf"):
-            save_checkpoint(checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step)
+        if first_nonfinite_iteration.item() == float("inf") and save_checkpoint(
+                checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step):
             print(f"saved {checkpoint_path} after {global_step} env steps; latest mean return {mean_return:.2f}")
         else:
             print("error: non-finite observation or loss in the last iterations; checkpoint not updated", file=sys.stderr)
@@ -703,6 +757,7 @@ def train(args, env, device):
 
 def main():
     args = tyro.cli(Args)
+    signal.signal(signal.SIGTERM, raise_terminated)
     # Everything that can be wrong with the input is checked here, before any work starts.
     try:
         validate_args(args)
@@ -717,6 +772,7 @@ def main():
             env = envs.make_env(args.task, args.num_envs, device=device, seed=args.seed)
             capacity = args.buffer_size // args.num_envs
             check_buffer_fits(ReplayBuffer.bytes_needed(args.num_envs, capacity, env.obs_dim, env.act_dim), device)
+            note_if_sized_for_a_gpu(args, device)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -26,13 +26,13 @@ import sys
 if any("isaacgym:" in arg for arg in sys.argv):
     import isaacgym  # noqa: F401
 
-import collections
 import contextlib
 import copy
 import dataclasses
 import math
 import os
 import random
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -194,21 +194,36 @@ def validate_args(args):
             raise ValueError(message)
 
 
-def resolve_device(name):
+def resolve_device(name, flag="--device"):
+    """The torch.device that `flag` names, with an index on CUDA (`cuda` is the current GPU): a
+    thread that enters another GPU's stream changes its current device, so an index-less `cuda`
+    could later mean another GPU than the one the user meant."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"{flag} {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise ValueError(f"{flag} {name}: CUDA is not available on this machine (try {flag} cpu)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif device.type != "cpu":
-        raise ValueError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+        raise ValueError(f"{flag} {name!r}: use auto, cpu, cuda or cuda:N")
     return device
+
+
+def note_if_sized_for_a_gpu(args, device):
+    """The default sizes (4096 envs, batch 8192, networks 512-256-128) are made for a GPU; on a CPU
+    they run, slowly. Say so once, with the command that suits a CPU."""
+    if device.type == "cpu" and args.num_envs >= 1024:
+        script = os.path.basename(sys.argv[0]) or "pql.py"
+        print(f"note: --num-envs {args.num_envs} is sized for a GPU and is slow on a CPU; the CPU quick start is"
+              f" `python {script} --task Pendulum --num-envs 64 --hidden-dims 64 64 --batch-size 1024"
+              " --total-timesteps 100000`", file=sys.stderr)
 
 
 def check_buffer_fits(num_bytes, device):
@@ -225,7 +240,9 @@ def check_buffer_fits(num_bytes, device):
 
 
 def save_checkpoint(path, actor, critic, critic_target, obs_normalizer, args, global_step):
-    """Write to a temporary file, then rename: a crash never leaves a half-written model.pt."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written model.pt. Refuse
+    (return False, write nothing) if any weight or statistic is not finite, so a run that diverged
+    keeps its last good checkpoint."""
     checkpoint = {
         "actor": actor.state_dict(),
         "critic": critic.state_dict(),
@@ -234,9 +251,29 @@ def save_checkpoint(path, actor, critic, critic_target, obs_normalizer, args, gl
         "args": dataclasses.asdict(args),
         "global_step": global_step,
     }
+    tensors = [tensor for part in ["actor", "critic", "critic_target", "obs_normalizer"] for tensor in checkpoint[part].values()]
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in tensors if tensor.is_floating_point()):
+        return False
     tmp_path = path + ".tmp"
     torch.save(checkpoint, tmp_path)
     os.replace(tmp_path, path)
+    return True
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, a SLURM time limit and a container stop send), raised in the main
+    thread by `raise_terminated` and handled like Ctrl-C: save the checkpoint, then exit (143)."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def progress_bar(total):
+    """A progress bar that refreshes ten times a second on a terminal, and once a minute when the
+    output goes to a log file, which would otherwise fill with refreshes."""
+    on_terminal = sys.stderr.isatty()
+    return tqdm(total=total, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=0.1 if on_terminal else 60.0)
 
 
 def start_run(args, reward_scale):
@@ -366,20 +403,29 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch_size, nstep, gamma):
+        return self.gather(*self.sample_rows(batch_size), nstep, gamma)
+
+    def sample_obs(self, batch_size):
+        """Observations only: the P-learner needs no n-step windows."""
+        env_index, start, _ = self.sample_rows(batch_size)
+        return self.obs[env_index, start]
+
+    def sample_rows(self, batch_size):
+        """Uniformly random (env, row) pairs among the rows that may be sampled, and each row's age
+        (0: the newest row)."""
         env_index = torch.randint(0, self.num_envs, (batch_size,), device=self.device)
         sampleable_rows = min(self.size, self.capacity - self.overwrite_guard)
-        age = torch.randint(0, sampleable_rows, (batch_size,), device=self.device)  # 0: the newest row
-        return self.gather(env_index, age, nstep, gamma)
+        age = torch.randint(0, sampleable_rows, (batch_size,), device=self.device)
+        return env_index, (self.pos - 1 - age) % self.capacity, age
 
-    def gather(self, env_index, age, nstep, gamma):
-        """The n-step transitions starting `age` rows before the newest row of each env.
+    def gather(self, env_index, start, age, nstep, gamma):
+        """The n-step transitions starting at row `start` of each env, `age` rows before its newest.
 
         Returns obs, actions, the discounted reward sum over the window, the observation to
         bootstrap from, its discount (gamma^k, or 0 if the window ends in a termination) and the
         valid flag. The window is shorter than n (k < n) where the episode ends inside it, or
         where the rows after it are not written yet.
         """
-        start = (self.pos - 1 - age) % self.capacity
         offsets = torch.arange(nstep, device=self.device)
         rows = (start[:, None] + offsets) % self.capacity  # (batch, nstep)
         env_rows = env_index[:, None]
@@ -484,10 +530,12 @@ def project_onto_atoms(next_probs, n_step_reward, discount, atoms):
 
 
 def copy_weights(source, destination):
-    """Hand a network from one role to another: overwrite the destination's parameters in place."""
+    """Hand a network from one role to another: overwrite the destination's parameters in place.
+    Only a copy toward a GPU may return before it has landed; toward the CPU the values are needed
+    as soon as the call returns."""
     with torch.no_grad():
         for src, dst in zip(source.state_dict().values(), destination.state_dict().values()):
-            dst.copy_(src, non_blocking=True)
+            dst.copy_(src, non_blocking=dst.is_cuda)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,6 +654,7 @@ def evaluate(checkpoint_path, episodes, device, seed):
 ACTOR_LEAD_ITERATIONS = 1  # the actor may run this many iterations ahead of the V-learner's quota
 P_LAG_UPDATES = 2  # the V-learner waits when the P-learner falls this many P-updates behind
 MAX_UPDATES_IN_FLIGHT = 2  # a learner queues at most this many updates on its GPU stream
+JOIN_TIMEOUT = 5.0  # seconds a role gets to stop after the stop signal, before the process gives up on it
 
 
 class Coordinator:
@@ -623,8 +672,9 @@ class Coordinator:
         self.stopping = False
         self.error = None
 
-    # The three rules, evaluated under the lock. No role can deadlock: whenever one rule is
-    # false, the role it waits for has a true one.
+    # The three rules, evaluated under the lock. No role can deadlock, because the V-learner may
+    # run P_LAG_UPDATES >= 1 P-updates ahead of the P-learner (with 0 every setting deadlocks);
+    # tests/test_coordination.py explores every interleaving of the three roles to check it.
     def actor_may_step(self):
         # Iteration i may start once the V-learner has done its updates for iteration
         # i - 1 - ACTOR_LEAD_ITERATIONS: the actor collects while the V-learner trains.
@@ -640,11 +690,14 @@ class Coordinator:
     def p_learner_may_update(self):
         return (self.p_updates + 1) * self.args.v_updates_per_p_update <= self.v_updates
 
-    def wait_until(self, rule):
-        """Block until rule() holds (True) or the run is stopping (False)."""
+    def wait_until(self, rule, deadline=float("inf")):
+        """Block until rule() holds (True), or until the run is stopping or time.time() passes the
+        deadline (False): a role stuck on its GPU must not hold the others past the time budget."""
         with self.condition:
             while not (self.stopping or rule()):
-                self.condition.wait(timeout=0.1)  # the timeout only guards against a lost wake-up
+                if time.time() >= deadline:
+                    return False
+                self.condition.wait(timeout=0.1)  # the timeout also guards against a lost wake-up
             return not self.stopping
 
     def count(self, counter):
@@ -660,20 +713,16 @@ class Coordinator:
             self.condition.notify_all()
 
 
-def synchronize(*devices):
-    """Wait for this thread's current stream on each CUDA device (a no-op on the CPU)."""
-    for device in devices:
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
-
-
 class Mailbox:
-    """Hands the latest weights of one role's networks to the other roles.
+    """Hands the latest weights of one role's networks to the other roles, with no host ever
+    waiting for another role's GPU work.
 
-    The owner copies its networks into a snapshot on its own device (`publish`); a consumer
-    copies the snapshot into its own network, on any device (`fetch`). Both happen under one
-    lock and each side waits for its copy on the GPU before releasing the lock, so a consumer
-    never reads a half-written snapshot and the owner never overwrites one being read.
+    The owner copies its networks into a snapshot on its own device (`publish`); a consumer copies
+    the snapshot into its own network, on any device (`fetch`). On a GPU the copies are ordered by
+    CUDA events, not by host waits: the owner records `published` after its copy and the
+    consumer's stream waits for it before reading; each consumer records its own event after
+    reading, and the owner's stream waits for all of them before it overwrites the snapshot. The
+    lock orders the calls themselves, so a version number always matches the snapshot.
     """
 
     def __init__(self, modules, device):
@@ -681,41 +730,57 @@ class Mailbox:
         self.device = device
         self.version = 0  # bumped by every publish
         self.lock = threading.Lock()
+        self.published = torch.cuda.Event() if device.type == "cuda" else None
+        self.finished_reading = {}  # id of a consumer's destination -> its event (on a GPU)
 
     def publish(self, modules):
         with self.lock:
+            if self.published is not None:
+                for event in self.finished_reading.values():
+                    torch.cuda.current_stream(self.device).wait_event(event)
             for name, module in modules.items():
                 copy_weights(module, self.snapshots[name])
-            synchronize(self.device)
+            if self.published is not None:
+                self.published.record(torch.cuda.current_stream(self.device))
             self.version += 1
 
-    def fetch(self, name, destination, device, seen_version):
+    def fetch(self, name, destination, seen_version):
         """Copy the snapshot `name` into destination if it is newer than seen_version; return
         the version the destination now holds."""
         if self.version == seen_version:  # reading an int needs no lock: at worst we copy next time
             return seen_version
         with self.lock:
+            self.wait_for_snapshot()
             copy_weights(self.snapshots[name], destination)
-            synchronize(device, self.device)
+            if self.published is not None:
+                # A copy between GPUs runs on the source's stream, so this event covers it too.
+                finished = self.finished_reading.setdefault(id(destination), torch.cuda.Event())
+                finished.record(torch.cuda.current_stream(self.device))
             return self.version
+
+    def wait_for_snapshot(self):
+        """Make this thread's stream on the snapshot's device wait until the last publish has landed."""
+        if self.published is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.published)
 
 
 class InFlightLimit:
     """Lets a thread queue at most `limit` updates on its CUDA stream before it waits for the
     oldest. The CPU then never runs far ahead of the GPU, so the Coordinator's counts are what
-    the GPU has done, give or take `limit` (the overwrite guard of the replay buffer relies on it)."""
+    the GPU has done, give or take `limit` (the overwrite guard of the replay buffer relies on it).
+    A fixed ring of events is reused: the one marked `limit` updates ago is waited for, then re-recorded."""
 
     def __init__(self, device, limit=MAX_UPDATES_IN_FLIGHT):
-        self.device, self.limit, self.events = device, limit, collections.deque()
+        self.device, self.marks = device, 0
+        self.events = [torch.cuda.Event() for _ in range(limit)] if device.type == "cuda" else []
 
     def mark(self):
-        if self.device.type != "cuda":
+        if not self.events:
             return  # on the CPU every operation has finished when it returns
-        event = torch.cuda.Event()
+        event = self.events[self.marks % len(self.events)]
+        event.synchronize()  # returns at once if the event was never recorded
         event.record(torch.cuda.current_stream(self.device))
-        self.events.append(event)
-        if len(self.events) > self.limit:
-            self.events.popleft().synchronize()
+        self.marks += 1
 
 
 def overwrite_guard(args):
@@ -731,14 +796,24 @@ def overwrite_guard(args):
     return ACTOR_LEAD_ITERATIONS + 2 + math.ceil(worst_v_updates / args.v_updates_per_env_step)
 
 
-def role_streams(*devices):
+def role_streams(own_device, *other_devices):
     """Give this thread its own CUDA stream on each device it uses, so the roles' kernels run
-    concurrently instead of queueing on the default stream. Nothing on the CPU."""
-    streams = contextlib.ExitStack()
-    for device in dict.fromkeys(devices):
+    concurrently instead of queueing on the default stream, and make the role's own device the
+    thread's current one (entering a stream makes its device current, so it goes last). Nothing
+    on the CPU.
+
+    A new stream does not wait for the default stream, where the main thread made the networks,
+    snapshots and statistics before the roles started: each role's stream waits for that work first.
+    """
+    contexts = contextlib.ExitStack()
+    for device in [*(d for d in dict.fromkeys(other_devices) if d != own_device), own_device]:
         if device.type == "cuda":
-            streams.enter_context(torch.cuda.stream(torch.cuda.Stream(device)))
-    return streams
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.default_stream(device))
+            contexts.enter_context(torch.cuda.stream(stream))
+    if own_device.type == "cuda":
+        contexts.enter_context(torch.cuda.device(own_device))
+    return contexts
 
 
 class SharedReplay:
@@ -746,10 +821,11 @@ class SharedReplay:
 
     The actor writes a column on its stream, records `written` after it, and only then, under
     the lock, the new column becomes visible (ReplayBuffer.pos/size move in the same critical
-    section). A learner, under the same lock, makes its stream wait for `written` before it
-    enqueues a sample. So a learner's sample can only see columns whose writes come before it on
-    the GPU; and the columns the actor may overwrite concurrently are excluded by the buffer's
-    overwrite guard. Together: no sample ever reads a half-written row.
+    section). A learner, under the same lock, makes its stream wait for `written` and chooses its
+    rows from pos/size; it gathers them after releasing the lock (about 40 torch calls that need
+    no lock: they never read pos/size). So a learner's sample can only see columns whose writes
+    come before it on the GPU; and the columns the actor may overwrite concurrently are excluded
+    by the buffer's overwrite guard. Together: no sample ever reads a half-written row.
     """
 
     def __init__(self, replay_buffer, coordinator):
@@ -762,11 +838,18 @@ class SharedReplay:
             if self.written is not None:
                 self.written.record(torch.cuda.current_stream(self.buffer.device))
 
-    def sample(self, args):
+    def sample_rows(self, batch_size):
         with self.coordinator.condition:
             if self.written is not None:
                 torch.cuda.current_stream(self.buffer.device).wait_event(self.written)
-            return self.buffer.sample(args.batch_size, args.nstep, args.gamma)
+            return self.buffer.sample_rows(batch_size)
+
+    def sample(self, args):
+        return self.buffer.gather(*self.sample_rows(args.batch_size), args.nstep, args.gamma)
+
+    def sample_obs(self, batch_size):
+        env_index, start, _ = self.sample_rows(batch_size)
+        return self.buffer.obs[env_index, start]
 
 
 def run_role(coordinator, role, *role_args):
@@ -782,8 +865,8 @@ def v_learner(coordinator, shared_replay, critic, critic_target, critic_optimize
     with role_streams(device):
         in_flight, policy_version, normalizer_version = InFlightLimit(device), -1, -1
         while coordinator.wait_until(coordinator.v_learner_may_update):
-            policy_version = policy_mailbox.fetch("actor", target_policy, device, policy_version)
-            normalizer_version = normalizer_mailbox.fetch("obs_normalizer", obs_normalizer, device, normalizer_version)
+            policy_version = policy_mailbox.fetch("actor", target_policy, policy_version)
+            normalizer_version = normalizer_mailbox.fetch("obs_normalizer", obs_normalizer, normalizer_version)
             batch = shared_replay.sample(args)
             critic_loss, q_mean, outside_support = update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, args)
             stats["critic_loss"] += critic_loss
@@ -801,9 +884,10 @@ def p_learner(coordinator, shared_replay, actor, actor_optimizer, policy_critic,
     with role_streams(device, shared_replay.buffer.device):
         in_flight, critic_version, normalizer_version = InFlightLimit(device), -1, -1
         while coordinator.wait_until(coordinator.p_learner_may_update):
-            critic_version = critic_mailbox.fetch("critic", policy_critic, device, critic_version)
-            normalizer_version = normalizer_mailbox.fetch("obs_normalizer", obs_normalizer, device, normalizer_version)
-            obs_batch = shared_replay.sample(args)[0].to(device, non_blocking=True)
+            critic_version = critic_mailbox.fetch("critic", policy_critic, critic_version)
+            normalizer_version = normalizer_mailbox.fetch("obs_normalizer", obs_normalizer, normalizer_version)
+            # Toward a GPU the copy may run behind; toward the CPU the values are needed at once.
+            obs_batch = shared_replay.sample_obs(args.batch_size).to(device, non_blocking=device.type == "cuda")
             actor_loss = update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs_batch, args)
             stats["actor_loss"] += actor_loss
             stats["actor_nonfinite"] += (~torch.isfinite(actor_loss)).double()
@@ -870,19 +954,19 @@ def train(args, env, devices):
     last_log = {"iterations": args.warmup_iterations, "v_updates": 0, "p_updates": 0}
     last_sums = {}
     start_time = last_save_time = time.time()
-    progress = tqdm(total=args.total_timesteps, unit="step", unit_scale=True, dynamic_ncols=True)
+    progress = progress_bar(args.total_timesteps)
     exit_code, iteration, error = 0, 0, None
     try:
         with role_streams(actor_device, v_device):
             obs = env.reset()
             while global_step < args.total_timesteps and time.time() - start_time < args.max_time:
-                if not coordinator.wait_until(coordinator.actor_may_step):
-                    break  # a learner failed: its exception is re-raised below
+                if not coordinator.wait_until(coordinator.actor_may_step, deadline=start_time + args.max_time):
+                    break  # a learner failed (its exception is re-raised below), or the time ran out waiting
                 # ---- actor: one step of all envs ----
                 if iteration < args.warmup_iterations:
                     actions = torch.rand(args.num_envs, env.act_dim, device=actor_device) * 2 - 1
                 else:
-                    policy_version = policy_mailbox.fetch("actor", acting_policy, actor_device, policy_version)
+                    policy_version = policy_mailbox.fetch("actor", acting_policy, policy_version)
                     actions = explore(acting_policy, obs_normalizer, obs, noise_stds)
                 next_obs, rewards, terminated, truncated, info = env.step(actions)
                 if args.timeouts_as_terminal:
@@ -918,25 +1002,41 @@ def train(args, env, devices):
                         writer, coordinator, [actor_stats, v_stats, p_stats], last_log, last_sums, global_step,
                         time.time() - start_time, mean_return, progress, args)
                     if time.time() - last_save_time > args.save_interval:
-                        save_published_checkpoint(checkpoint_path, policy_mailbox, critic_mailbox, obs_normalizer, args, global_step)
+                        if not save_published_checkpoint(checkpoint_path, policy_mailbox, critic_mailbox, obs_normalizer, args, global_step):
+                            print(f"error: non-finite weights at env step {global_step}; stopping, the last good checkpoint is"
+                                  f" {checkpoint_path}", file=sys.stderr)
+                            exit_code = 1
+                            break
                         last_save_time = time.time()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at env step {global_step}; saving {checkpoint_path}", file=sys.stderr)
-        exit_code = 130
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM raised as Terminated
+        received = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+        exit_code = 128 + received  # the shell's convention: 130 after Ctrl-C, 143 after SIGTERM
+        print(f"\ninterrupted at env step {global_step} ({received.name}); saving {checkpoint_path}", file=sys.stderr)
     except BaseException as main_error:  # noqa: B036 -- stop the learners, save, then re-raise
         error = main_error
     # ---- shutdown: stop every role, wait (never forever), flush, re-raise a thread's exception ----
     coordinator.stop()
     for thread in threads:
-        thread.join(timeout=5.0)  # each role checks the stop flag between updates
+        thread.join(timeout=JOIN_TIMEOUT)  # each role checks the stop flag between updates
     error = error or coordinator.error
     progress.close()
-    for device in set(devices):  # the learners' streams too, before reading their weights
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    if exit_code != 1 and not any(thread.is_alive() for thread in threads):
-        save_checkpoint(checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step)
-        print(f"saved {checkpoint_path} after {global_step} env steps; latest mean return {mean_return:.2f}")
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    if stuck:
+        print(f"error: the {' and the '.join(stuck)} did not stop within {JOIN_TIMEOUT:.0f} s of the stop signal;"
+              f" exiting without a final checkpoint (the last one is {checkpoint_path})", file=sys.stderr)
+        exit_code = 1
+    elif exit_code != 1:  # after a non-finite value, keep the last good checkpoint instead
+        for device in set(devices):  # the learners' streams too, before reading their losses and weights
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        # The learners may have made a loss non-finite after the last log: look once more.
+        nonfinite_updates = v_stats["critic_nonfinite"].item() + p_stats["actor_nonfinite"].item()
+        if first_nonfinite_iteration.item() == float("inf") and nonfinite_updates == 0 and save_checkpoint(
+                checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step):
+            print(f"saved {checkpoint_path} after {global_step} env steps; latest mean return {mean_return:.2f}")
+        else:
+            print("error: non-finite observation or loss in the last iterations; checkpoint not updated", file=sys.stderr)
+            exit_code = 1
     writer.close()
     if error is not None:
         raise error
@@ -963,14 +1063,25 @@ def log_progress(writer, coordinator, stats_dicts, last_log, last_sums, global_s
 
 def save_published_checkpoint(path, policy_mailbox, critic_mailbox, obs_normalizer, args, global_step):
     """A checkpoint while the learners train: from the published snapshots, under their locks,
-    so it never mixes half-updated weights."""
+    so it never mixes half-updated weights. Returns False (and writes nothing) if they are not finite."""
     with policy_mailbox.lock, critic_mailbox.lock:
-        save_checkpoint(path, policy_mailbox.snapshots["actor"], critic_mailbox.snapshots["critic"],
-                        critic_mailbox.snapshots["critic_target"], obs_normalizer, args, global_step)
+        policy_mailbox.wait_for_snapshot()
+        critic_mailbox.wait_for_snapshot()
+        return save_checkpoint(path, policy_mailbox.snapshots["actor"], critic_mailbox.snapshots["critic"],
+                               critic_mailbox.snapshots["critic_target"], obs_normalizer, args, global_step)
+
+
+def resolve_role_devices(args, device):
+    """The actor's, the V-learner's and the P-learner's devices, each with an index on CUDA; a
+    role flag left out means --device."""
+    flags = [("--actor-device", args.actor_device), ("--v-learner-device", args.v_learner_device),
+             ("--p-learner-device", args.p_learner_device)]
+    return tuple(device if name is None else resolve_device(name, flag) for flag, name in flags)
 
 
 def main():
     args = tyro.cli(Args)
+    signal.signal(signal.SIGTERM, raise_terminated)
     # Everything that can be wrong with the input is checked here, before any work starts.
     try:
         validate_args(args)
@@ -981,8 +1092,7 @@ def main():
         else:
             if args.sync_interval < 1:
                 raise ValueError(f"--sync-interval must be >= 1, got {args.sync_interval}")
-            devices = tuple(resolve_device(name) if name is not None else device
-                            for name in (args.actor_device, args.v_learner_device, args.p_learner_device))
+            devices = resolve_role_devices(args, device)
             random.seed(args.seed)
             np.random.seed(args.seed)
             torch.manual_seed(args.seed)
@@ -992,6 +1102,7 @@ def main():
                 raise ValueError(f"--buffer-size ({args.buffer_size}) must hold more than {overwrite_guard(args)} rows per env"
                                  f" (the rows the actor may be overwriting), i.e. > {overwrite_guard(args) * args.num_envs}")
             check_buffer_fits(ReplayBuffer.bytes_needed(args.num_envs, capacity, env.obs_dim, env.act_dim), devices[1])
+            note_if_sized_for_a_gpu(args, devices[0])
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,15 +1,22 @@
 """pql_threaded.py: the roles in parallel on the CPU (threads without streams)."""
+import contextlib
 import glob
 import os
+import random
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 import torch
+import torch.nn as nn
 
-from test_pql import REPO, interrupt_run, learned_mean_return, read_scalars
+import pql_threaded
+
+from test_pql import REPO, interrupt_run, learned_mean_return, main_in_process, read_scalars
 
 SMALL = ["--task", "Pendulum", "--num-envs", "16", "--hidden-dims", "32", "32", "--batch-size", "64",
          "--buffer-size", "16000", "--device", "cpu", "--warmup-iterations", "4"]
@@ -21,8 +28,8 @@ def run_threaded(args, cwd, timeout=300):
 
 
 def test_short_run_writes_scalars_checkpoint_and_holds_the_ratios(tmp_path):
-    # 1004 iterations: logged every 100, so each logged ratio is over 100 iterations after warm-up.
-    result = run_threaded(SMALL + ["--total-timesteps", str(1004 * 16), "--log-interval", "100",
+    # 504 iterations: logged every 50, so each logged ratio is over 50 iterations after warm-up.
+    result = run_threaded(SMALL + ["--total-timesteps", str(504 * 16), "--log-interval", "50",
                                    "--v-updates-per-env-step", "4", "--v-updates-per-p-update", "3"], tmp_path)
     assert result.returncode == 0, result.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "Pendulum__pql__1__*"))
@@ -35,9 +42,9 @@ def test_short_run_writes_scalars_checkpoint_and_holds_the_ratios(tmp_path):
     v_per_p = [value for _, value in scalars["charts/v_updates_per_p_update"]]
     assert len(v_per_step) == 10 and all(abs(r - 4) <= 0.4 for r in v_per_step), v_per_step
     assert all(abs(r - 3) <= 0.3 for r in v_per_p), v_per_p
-    assert [value for _, value in scalars["charts/episodic_length"]] == [200.0] * 5
+    assert [value for _, value in scalars["charts/episodic_length"]] == [200.0] * 2
     checkpoint = torch.load(os.path.join(run_dir, "model.pt"), weights_only=False)
-    assert checkpoint["global_step"] == 1004 * 16 and {"actor", "critic", "critic_target", "obs_normalizer"} <= set(checkpoint)
+    assert checkpoint["global_step"] == 504 * 16 and {"actor", "critic", "critic_target", "obs_normalizer"} <= set(checkpoint)
     # The checkpoint's format is pql.py's: either script evaluates it.
     for script in ["pql_threaded.py", "pql.py"]:
         evaluation = subprocess.run([sys.executable, os.path.join(REPO, script), "--eval-checkpoint",
@@ -77,25 +84,372 @@ def test_an_exception_in_a_learner_thread_ends_the_process_with_its_traceback(tm
     assert torch.load(checkpoint, weights_only=False)["global_step"] > 0
 
 
-def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
-    returncode, err, global_step = interrupt_run("pql_threaded.py", SMALL, tmp_path)
-    assert returncode == 130, err
-    assert "interrupted at env step" in err and "Traceback" not in err
+@pytest.mark.parametrize("signal_to_send, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_save_and_exit_cleanly(tmp_path, signal_to_send, exit_code):
+    returncode, err, global_step, seconds_to_exit = interrupt_run("pql_threaded.py", SMALL, tmp_path, signal_to_send)
+    assert returncode == exit_code, err
+    assert f"({signal_to_send.name}); saving" in err and "Traceback" not in err
     assert global_step is not None and global_step > 0
+    assert seconds_to_exit < 15
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--sync-interval", "0"], "--sync-interval"),
-    (["--actor-device", "cuda:5"], "--device cuda:5"),
+    (["--actor-device", "cuda:5"], "--actor-device cuda:5"),
     (["--num-envs", "100", "--buffer-size", "500", "--batch-size", "64"], "--buffer-size"),  # 5 rows/env: all guarded
 ])
-def test_bad_parallel_flags_fail_before_any_work(tmp_path, flags, message):
+def test_bad_parallel_flags_fail_before_any_work(tmp_path, monkeypatch, capsys, flags, message):
     if "cuda:5" in flags and torch.cuda.device_count() > 5:
         pytest.skip("this machine has a cuda:5")
-    result = run_threaded(["--device", "cpu", *flags], tmp_path, timeout=120)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    returncode, err = main_in_process(pql_threaded, ["--device", "cpu", *flags], monkeypatch, capsys)
+    assert returncode == 2 and message in err
     assert not (tmp_path / "runs").exists()
 
 
 def test_learns_pendulum(tmp_path):
     assert learned_mean_return("pql_threaded.py", [], tmp_path) > -400
+
+
+POISON_CRITIC = textwrap.dedent('''
+    import sys
+    import torch
+    sys.path.insert(0, {repo!r})
+    import pql_threaded
+    original, calls = pql_threaded.update_critic, [0]
+
+    def poisoned(critic, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 30:  # the critic diverges after the last log
+            with torch.no_grad():
+                next(critic.parameters()).fill_(float("nan"))
+        return original(critic, *args, **kwargs)
+
+    pql_threaded.update_critic = poisoned
+    sys.argv = ["pql_threaded.py", *{args!r}]
+    sys.exit(pql_threaded.main())
+''')
+
+
+def test_a_loss_that_turns_nonfinite_after_the_last_log_never_reaches_the_checkpoint(tmp_path):
+    # 40 iterations and --log-interval 1000: the learners' counters are looked at only at the end.
+    code = POISON_CRITIC.format(repo=REPO, args=SMALL + ["--total-timesteps", str(40 * 16), "--log-interval", "1000"])
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "non-finite" in result.stderr and "checkpoint not updated" in result.stderr
+    assert not glob.glob(str(tmp_path / "runs" / "*" / "model.pt"))
+
+
+def test_the_periodic_checkpoint_refuses_nonfinite_snapshots(tmp_path):
+    args = pql_threaded.Args(hidden_dims=(8,))
+    cpu = torch.device("cpu")
+    actor, critic = pql_threaded.Actor(3, 1, (8,)), pql_threaded.make_critic(3, 1, args)
+    policy_mailbox = pql_threaded.Mailbox({"actor": actor}, cpu)
+    critic_mailbox = pql_threaded.Mailbox({"critic": critic, "critic_target": critic}, cpu)
+    normalizer = pql_threaded.ObsNormalizer(3, 5.0, cpu)
+    path = str(tmp_path / "model.pt")
+    assert pql_threaded.save_published_checkpoint(path, policy_mailbox, critic_mailbox, normalizer, args, 1)
+    with torch.no_grad():
+        actor.net[0].bias.fill_(float("nan"))
+    policy_mailbox.publish({"actor": actor})
+    assert not pql_threaded.save_published_checkpoint(path, policy_mailbox, critic_mailbox, normalizer, args, 2)
+    assert torch.load(path, weights_only=False)["global_step"] == 1
+
+
+STUCK_LEARNER = textwrap.dedent('''
+    import sys
+    import threading
+    sys.path.insert(0, {repo!r})
+    import pql_threaded
+    original, calls = pql_threaded.update_actor, [0]
+
+    def stuck(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 30:
+            threading.Event().wait()  # never returns, like a thread stuck on a hung GPU
+        return original(*args, **kwargs)
+
+    pql_threaded.update_actor = stuck
+    sys.argv = ["pql_threaded.py", *{args!r}]
+    sys.exit(pql_threaded.main())
+''')
+
+
+def test_a_learner_that_never_stops_is_named_and_the_process_exits_nonzero(tmp_path):
+    """The actor waits for the V-learner, which waits for the stuck P-learner: the time budget
+    still ends the run, and the shutdown names the role that did not stop instead of hanging."""
+    code = STUCK_LEARNER.format(repo=REPO, args=SMALL + ["--total-timesteps", "100000000", "--max-time", "4"])
+    started = time.time()
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "the p-learner did not stop" in result.stderr
+    assert time.time() - started < 60
+
+
+def test_no_copy_toward_the_cpu_is_left_running_behind(tmp_path, monkeypatch):
+    """A non-blocking copy from a GPU into CPU memory returns before the data has landed, so every
+    copy whose destination is on the CPU must block. A whole run on the CPU checks every call."""
+    nonblocking_to_cpu = []
+    real_to, real_copy = torch.Tensor.to, torch.Tensor.copy_
+
+    def to(self, *args, **kwargs):
+        result = real_to(self, *args, **kwargs)
+        if (kwargs.get("non_blocking") or args[2:3] == (True,)) and result.device.type == "cpu":
+            nonblocking_to_cpu.append("Tensor.to")
+        return result
+
+    def copy_(self, src, non_blocking=False):
+        if non_blocking and self.device.type == "cpu":
+            nonblocking_to_cpu.append("Tensor.copy_")
+        return real_copy(self, src, non_blocking)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    monkeypatch.chdir(tmp_path)
+    args = pql_threaded.Args(task="Pendulum", num_envs=8, hidden_dims=(16,), batch_size=32, buffer_size=4000,
+                             warmup_iterations=2, total_timesteps=8 * 60, log_interval=20, sync_interval=1)
+    cpu = torch.device("cpu")
+    env = pql_threaded.envs.make_env("Pendulum", 8, device=cpu, seed=0)
+    assert pql_threaded.train(args, env, (cpu, cpu, cpu)) == 0
+    assert nonblocking_to_cpu == []
+
+
+def test_learners_gather_their_samples_outside_the_lock():
+    """Only the choice of rows needs the coordinator's lock; the gather (most of a sample's torch
+    calls) runs without it, so the actor and the other learner are not held up."""
+    args = pql_threaded.Args(batch_size=16, nstep=3)
+    coordinator = pql_threaded.Coordinator(args)
+    buffer = pql_threaded.ReplayBuffer(4, 20, 2, 1, torch.device("cpu"), overwrite_guard=5)
+    shared = pql_threaded.SharedReplay(buffer, coordinator)
+    no = torch.zeros(4, dtype=torch.bool)
+    for _ in range(10):
+        shared.add(torch.randn(4, 2), torch.randn(4, 1), torch.randn(4), torch.randn(4, 2), no, no, ~no)
+    lock_was_free, real_gather = [], buffer.gather
+
+    def try_the_lock_from_another_thread():
+        acquired = coordinator.condition.acquire(timeout=1.0)
+        if acquired:
+            coordinator.condition.release()
+        lock_was_free.append(acquired)
+
+    def gather(*args):
+        other = threading.Thread(target=try_the_lock_from_another_thread)
+        other.start()
+        other.join()
+        return real_gather(*args)
+
+    buffer.gather = gather
+    obs, *_ = shared.sample(args)
+    assert lock_was_free == [True] and obs.shape == (16, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA paths on a CPU-only machine: a stand-in for torch.cuda that records what is asked of it
+# ---------------------------------------------------------------------------------------------
+class FakeCuda:
+    """Stands in for torch.cuda: devices, streams and events that keep a log instead of running.
+    It follows PyTorch's documented semantics where the tests depend on them: entering
+    `torch.cuda.stream(s)` makes s's device the thread's current device, `torch.cuda.device(d)`
+    makes d current, and an event's synchronize() waits for the work recorded before it."""
+
+    def __init__(self, monkeypatch, device_count=2):
+        self.log, self.current_device, self.events_created = [], 0, 0
+        self.default_streams = {index: self.Stream(self, index, "default") for index in range(device_count)}
+        self.current_streams = dict(self.default_streams)
+        fake = self
+        for name, value in {
+            "is_available": lambda: True,
+            "device_count": lambda: device_count,
+            "current_device": lambda: fake.current_device,
+            "Stream": lambda device: fake.Stream(fake, torch.device(device).index, "new"),
+            "Event": lambda: fake.Event(fake),
+            "default_stream": lambda device=None: fake.default_streams[fake.index(device)],
+            "current_stream": lambda device=None: fake.current_streams[fake.index(device)],
+            "stream": lambda stream: fake.switch(stream=stream),
+            "device": lambda device: fake.switch(device=fake.index(device)),
+            "synchronize": lambda device=None: fake.log.append(("host waits for device", fake.index(device))),
+        }.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def index(self, device):
+        return self.current_device if device is None or torch.device(device).index is None else torch.device(device).index
+
+    @contextlib.contextmanager
+    def switch(self, stream=None, device=None):
+        saved = self.current_device, dict(self.current_streams)
+        if stream is not None:
+            self.current_device, self.current_streams[stream.device_index] = stream.device_index, stream
+        if device is not None:
+            self.current_device = device
+        try:
+            yield
+        finally:
+            self.current_device, self.current_streams = saved
+
+    class Stream:
+        def __init__(self, cuda, device_index, kind):
+            self.cuda, self.device_index, self.kind, self.work, self.finished = cuda, device_index, kind, 0, 0
+            self.waited_for = []
+
+        def wait_stream(self, other):
+            self.waited_for.append(other)
+
+        def wait_event(self, event):
+            self.cuda.log.append(("stream waits for event", self, event))
+
+        def synchronize(self):
+            self.cuda.log.append(("host waits for stream", self))
+            self.finished = self.work
+
+    class Event:
+        def __init__(self, cuda):
+            cuda.events_created += 1
+            self.cuda, self.stream, self.work = cuda, None, 0
+
+        def record(self, stream):
+            stream.work += 1  # each record stands for the work queued since the last one
+            self.stream, self.work = stream, stream.work
+            self.cuda.log.append(("record", stream, self))
+
+        def synchronize(self):
+            self.cuda.log.append(("host waits for event", self))
+            if self.stream is not None:
+                self.stream.finished = max(self.stream.finished, self.work)
+
+
+def test_every_role_gets_a_cuda_device_with_an_index(monkeypatch):
+    """`cuda` alone means whichever GPU is current in the thread that uses it, and entering a
+    stream on another GPU changes that: every role's device gets its index before any work."""
+    cuda = FakeCuda(monkeypatch, device_count=2)
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+
+    def roles(**flags):
+        args = pql_threaded.Args(**flags)
+        return pql_threaded.resolve_role_devices(args, pql_threaded.resolve_device(args.device))
+
+    assert roles(device="auto", actor_device="cuda:0", v_learner_device="cuda:1") == (cuda0, cuda1, cuda0)  # the README's example
+    assert roles(device="cuda", v_learner_device="cuda:1") == (cuda0, cuda1, cuda0)
+    cuda.current_device = 1
+    assert roles(device="cuda") == (cuda1, cuda1, cuda1)
+    assert roles(device="cpu", p_learner_device="cuda") == (torch.device("cpu"), torch.device("cpu"), cuda1)
+    with pytest.raises(ValueError, match="--p-learner-device cuda:2: only 2 CUDA device"):
+        roles(device="cpu", p_learner_device="cuda:2")
+
+
+def test_each_role_keeps_its_own_device_current_and_its_streams_wait_for_the_setup(monkeypatch):
+    cuda = FakeCuda(monkeypatch, device_count=2)
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    for own, other in [(cuda0, cuda1), (cuda1, cuda0), (cuda0, cuda0)]:  # e.g. the P-learner and the buffer's GPU
+        with pql_threaded.role_streams(own, other):
+            assert cuda.current_device == own.index
+            for device in {own, other}:
+                stream = cuda.current_streams[device.index]
+                assert stream.kind == "new"  # the role's own stream, not the default one
+                # The networks and snapshots were made on the default stream before the roles started.
+                assert stream.waited_for == [cuda.default_streams[device.index]]
+        assert cuda.current_streams == cuda.default_streams and cuda.current_device == 0
+
+
+def test_in_flight_limit_reuses_a_fixed_ring_of_events(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+    limit = pql_threaded.InFlightLimit(torch.device("cuda", 0), limit=2)
+    stream = cuda.current_streams[0]
+    for _ in range(10):
+        limit.mark()
+        assert stream.work - stream.finished <= 2  # at most two updates queued after each mark
+    assert cuda.events_created == 2
+    assert not any(entry[0] == "host waits for stream" for entry in cuda.log)
+
+
+def test_mailbox_hands_snapshots_over_with_events_and_no_host_waits(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+    copies = []
+    real_copy_weights = pql_threaded.copy_weights
+    monkeypatch.setattr(pql_threaded, "copy_weights", lambda src, dst: (copies.append(dst), real_copy_weights(src, dst)))
+    owner, reader_a, reader_b = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    mailbox = pql_threaded.Mailbox({"net": owner}, torch.device("cuda", 0))  # tensors stay on the CPU here
+    mailbox.publish({"net": owner})
+    assert mailbox.fetch("net", reader_a, -1) == 1 and mailbox.fetch("net", reader_b, -1) == 1
+    assert mailbox.fetch("net", reader_a, 1) == 1  # nothing new: no copy
+    assert torch.equal(reader_a.weight, owner.weight) and torch.equal(reader_b.weight, owner.weight)
+    with torch.no_grad():
+        owner.weight.add_(1.0)
+    cuda.log.clear()
+    mailbox.publish({"net": owner})
+    # Before overwriting the snapshot the owner's stream waits for both readers' copies, then marks its own.
+    waited = [entry[2] for entry in cuda.log if entry[0] == "stream waits for event"]
+    assert sorted(map(id, waited)) == sorted(map(id, mailbox.finished_reading.values())) and len(waited) == 2
+    assert len(copies) == 4
+    assert cuda.log[-1][0] == "record" and cuda.log[-1][2] is mailbox.published
+    cuda.log.clear()
+    assert mailbox.fetch("net", reader_a, 1) == 2
+    assert [entry[0] for entry in cuda.log] == ["stream waits for event", "record"]
+    assert cuda.log[0][2] is mailbox.published  # the reader's stream waits for the publish before copying
+    assert torch.equal(reader_a.weight, owner.weight)
+    assert not any(entry[0].startswith("host waits") for entry in cuda.log)
+
+
+# ---------------------------------------------------------------------------------------------
+# A lagging GPU, played on the CPU: every learner's read lands as late as the in-flight limit allows
+# ---------------------------------------------------------------------------------------------
+def run_with_lagging_reads(monkeypatch, tmp_path, guard_for, v_updates_per_env_step, iterations=150):
+    """Train with real threads, and check each sample's rows as late as a GPU could read them.
+
+    Every column of the replay buffer is stamped with the iteration that wrote it, at the moment
+    the actor enqueues the write (the earliest a GPU could run it). A learner's rows are noted with
+    their stamps when it chooses them; on a GPU its read of them may still be pending until the
+    same learner marks MAX_UPDATES_IN_FLIGHT more updates (InFlightLimit's promise), so that is
+    when the stamps are compared: a changed stamp is a row overwritten between sampling and reading.
+    Returns the number of such rows and the number of samples checked.
+    """
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pql_threaded, "overwrite_guard", guard_for)
+    stamps, pending, overwritten, checked = {}, threading.local(), [0], [0]
+    real_add, real_sample_rows, real_mark = (pql_threaded.ReplayBuffer.add, pql_threaded.ReplayBuffer.sample_rows,
+                                             pql_threaded.InFlightLimit.mark)
+
+    def add(buffer, *transition):  # under the coordinator's lock, like the real write
+        stamps.setdefault("columns", torch.full((buffer.num_envs, buffer.capacity), -1))[:, buffer.pos] = stamps.get("next", 0)
+        stamps["next"] = stamps.get("next", 0) + 1
+        real_add(buffer, *transition)
+
+    def sample_rows(buffer, batch_size):  # under the lock too: the rows and their stamps as chosen
+        env_index, start, age = real_sample_rows(buffer, batch_size)
+        pending.chosen = (env_index, start, stamps["columns"][env_index, start].clone())
+        return env_index, start, age
+
+    def mark(in_flight):
+        queue = pending.__dict__.setdefault("queue", [])
+        queue.append(pending.chosen)
+        if len(queue) > pql_threaded.MAX_UPDATES_IN_FLIGHT:  # the read of this sample must have landed by now
+            env_index, start, stamp = queue.pop(0)
+            overwritten[0] += int((stamps["columns"][env_index, start] != stamp).sum())
+            checked[0] += 1
+        time.sleep(random.random() * 1e-3)  # shuffle the threads' interleaving
+        real_mark(in_flight)
+
+    monkeypatch.setattr(pql_threaded.ReplayBuffer, "add", add)
+    monkeypatch.setattr(pql_threaded.ReplayBuffer, "sample_rows", sample_rows)
+    monkeypatch.setattr(pql_threaded.InFlightLimit, "mark", mark)
+    args = pql_threaded.Args(task="Pendulum", num_envs=4, hidden_dims=(8,), batch_size=64, warmup_iterations=2,
+                             v_updates_per_env_step=v_updates_per_env_step, v_updates_per_p_update=2,
+                             total_timesteps=4 * iterations, log_interval=50)
+    # The smallest buffer the script accepts: one sampleable row per env, the newest, which the
+    # actor overwrites after guard + 1 more writes, the fewest the guard allows.
+    args.buffer_size = 4 * (pql_threaded.overwrite_guard(args) + 1)
+    cpu = torch.device("cpu")
+    env = pql_threaded.envs.make_env("Pendulum", 4, device=cpu, seed=0)
+    assert pql_threaded.train(args, env, (cpu, cpu, cpu)) == 0
+    return overwritten[0], checked[0]
+
+
+@pytest.mark.parametrize("v_updates_per_env_step", [1, 8])
+def test_no_row_is_overwritten_between_being_sampled_and_being_read(monkeypatch, tmp_path, v_updates_per_env_step):
+    real_guard = pql_threaded.overwrite_guard
+    overwritten, checked = run_with_lagging_reads(monkeypatch, tmp_path, real_guard, v_updates_per_env_step)
+    assert checked > 100 and overwritten == 0
+
+
+def test_the_lagging_read_check_catches_a_guard_that_is_too_small(monkeypatch, tmp_path):
+    overwritten, checked = run_with_lagging_reads(monkeypatch, tmp_path, lambda args: 0, v_updates_per_env_step=1)
+    assert checked > 100 and overwritten > 0
