@@ -120,6 +120,8 @@ class Args:
     """evaluate this checkpoint (a model.pt) with the deterministic policy instead of training"""
     eval_episodes: int = 10
     """number of episodes for --eval-checkpoint"""
+    eval_envs: Optional[int] = None
+    """envs of their own that run the deterministic policy (no noise) during training, logged as eval/episodic_return; default 4 (0 for isaacgym tasks: one simulator per process); 0 turns it off"""
 
 
 # Per-task reward scales (--reward-scale overrides them). With gamma = 0.99 returns are ~100x the
@@ -175,6 +177,9 @@ def validate_args(args):
         (args.log_interval >= 1, "--log-interval must be >= 1"),
         (args.save_interval > 0, "--save-interval must be > 0 seconds"),
         (args.eval_episodes >= 1, "--eval-episodes must be >= 1"),
+        (args.eval_envs is None or args.eval_envs >= 0, "--eval-envs must be >= 0"),
+        (not (args.eval_envs and args.task.startswith("isaacgym:")),
+         "--eval-envs must be 0 for isaacgym tasks: Isaac Gym runs one simulator per process"),
     ]
     for ok, message in checks:
         if not ok:
@@ -299,6 +304,8 @@ def write_scalars(writer, values, global_step, v_updates, elapsed, mean_return, 
                                " or widen the support")
     if values["p_updates"] > 0:
         writer.add_scalar("losses/actor_loss", values["actor_loss"] / values["p_updates"], global_step)
+    if values["eval_episodes"] > 0:
+        writer.add_scalar("eval/episodic_return", values["eval_return_sum"] / values["eval_episodes"], global_step)
     writer.add_scalar("charts/SPS", global_step / elapsed, global_step)
     writer.add_scalar("charts/v_updates_per_s", v_updates / elapsed, global_step)
     progress.set_postfix(SPS=f"{global_step / elapsed:.0f}", ret=f"{mean_return:.1f}", refresh=False)
@@ -541,6 +548,28 @@ def explore(policy, obs_normalizer, obs, noise_stds):
     return (actions + noise).clamp(-1.0, 1.0)
 
 
+def make_eval_env(args, device):
+    """A few envs of their own for the deterministic policy, stepped once per iteration beside the
+    training envs: the training return mixes in exploration noise up to std 0.8, this one does not."""
+    num_eval_envs = args.eval_envs if args.eval_envs is not None else (0 if args.task.startswith("isaacgym:") else 4)
+    if num_eval_envs == 0:
+        return None
+    eval_env = envs.make_env(args.task, num_eval_envs, device=device, seed=args.seed + 10_000)
+    eval_env.check_finite_actions = False  # the policy's actions are checked through the training envs
+    return eval_env
+
+
+@torch.no_grad()
+def evaluation_step(eval_env, eval_obs, policy, obs_normalizer, stats):
+    """One step of the evaluation envs with the deterministic policy; the returns of the episodes
+    that end are summed into stats. Returns the next observations."""
+    eval_obs, _, terminated, truncated, info = eval_env.step(policy(obs_normalizer.normalize(eval_obs)))
+    ended = (terminated | truncated).float()
+    stats["eval_return_sum"] += (info["episode_return"] * ended).sum()
+    stats["eval_episodes"] += ended.sum()
+    return eval_obs
+
+
 # ---------------------------------------------------------------------------------------------
 # The V-learner: one critic update
 # ---------------------------------------------------------------------------------------------
@@ -638,7 +667,7 @@ def evaluate(checkpoint_path, episodes, device, seed):
 # ---------------------------------------------------------------------------------------------
 # The main loop: the three roles take turns in one thread
 # ---------------------------------------------------------------------------------------------
-def train(args, env, device):
+def train(args, env, eval_env, device):
     # The loop below watches for non-finite values itself and reports the step where they appeared;
     # the env's own check of the actions would stop it one step later, and costs a host sync.
     env.check_finite_actions = False
@@ -661,7 +690,8 @@ def train(args, env, device):
 
     # Statistics summed on the device and read only at logging intervals (no per-step sync).
     stats = {name: torch.zeros((), device=device) for name in
-             ["return_sum", "length_sum", "episodes", "critic_loss", "q_mean", "outside_support", "v_updates", "actor_loss", "p_updates"]}
+             ["return_sum", "length_sum", "episodes", "critic_loss", "q_mean", "outside_support", "v_updates", "actor_loss", "p_updates",
+              "eval_return_sum", "eval_episodes"]}
     # Iteration of the first non-finite observation or loss (inf: none yet), kept on the device.
     first_nonfinite_iteration = torch.full((), float("inf"), device=device)
     iteration_on_device = torch.zeros((), device=device)
@@ -670,6 +700,7 @@ def train(args, env, device):
     start_time = last_save_time = time.time()
     progress = progress_bar(args.total_timesteps)
     obs = env.reset()
+    eval_obs = eval_env.reset() if eval_env is not None else None
     exit_code, iteration = 0, 0
     try:
         while global_step < args.total_timesteps and time.time() - start_time < args.max_time:
@@ -690,6 +721,8 @@ def train(args, env, device):
             stats["length_sum"] += (info["episode_length"] * ended).sum()
             stats["episodes"] += ended.sum()
             finite = torch.isfinite(next_obs).all()
+            if eval_env is not None:  # the same policy without noise, on envs of its own
+                eval_obs = evaluation_step(eval_env, eval_obs, acting_policy, obs_normalizer, stats)
 
             # ---- V-learner and P-learner: v_updates_per_env_step critic updates, one policy
             # update per v_updates_per_p_update of them ----
@@ -770,6 +803,7 @@ def main():
             np.random.seed(args.seed)
             torch.manual_seed(args.seed)
             env = envs.make_env(args.task, args.num_envs, device=device, seed=args.seed)
+            eval_env = make_eval_env(args, device)
             capacity = args.buffer_size // args.num_envs
             check_buffer_fits(ReplayBuffer.bytes_needed(args.num_envs, capacity, env.obs_dim, env.act_dim), device)
             note_if_sized_for_a_gpu(args, device)
@@ -779,7 +813,7 @@ def main():
     if args.eval_checkpoint is not None:
         evaluate(args.eval_checkpoint, args.eval_episodes, device, args.seed)
         return 0
-    return train(args, env, device)
+    return train(args, env, eval_env, device)
 
 
 if __name__ == "__main__":

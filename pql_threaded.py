@@ -123,6 +123,8 @@ class Args:
     """evaluate this checkpoint (a model.pt) with the deterministic policy instead of training"""
     eval_episodes: int = 10
     """number of episodes for --eval-checkpoint"""
+    eval_envs: Optional[int] = None
+    """envs of their own that run the deterministic policy (no noise) during training, logged as eval/episodic_return; default 4 (0 for isaacgym tasks: one simulator per process); 0 turns it off"""
 
     # --- parallelism (pql_threaded.py only) ---
     actor_device: Optional[str] = None
@@ -188,6 +190,9 @@ def validate_args(args):
         (args.log_interval >= 1, "--log-interval must be >= 1"),
         (args.save_interval > 0, "--save-interval must be > 0 seconds"),
         (args.eval_episodes >= 1, "--eval-episodes must be >= 1"),
+        (args.eval_envs is None or args.eval_envs >= 0, "--eval-envs must be >= 0"),
+        (not (args.eval_envs and args.task.startswith("isaacgym:")),
+         "--eval-envs must be 0 for isaacgym tasks: Isaac Gym runs one simulator per process"),
     ]
     for ok, message in checks:
         if not ok:
@@ -312,6 +317,8 @@ def write_scalars(writer, values, global_step, v_updates, elapsed, mean_return, 
                                " or widen the support")
     if values["p_updates"] > 0:
         writer.add_scalar("losses/actor_loss", values["actor_loss"] / values["p_updates"], global_step)
+    if values["eval_episodes"] > 0:
+        writer.add_scalar("eval/episodic_return", values["eval_return_sum"] / values["eval_episodes"], global_step)
     writer.add_scalar("charts/SPS", global_step / elapsed, global_step)
     writer.add_scalar("charts/v_updates_per_s", v_updates / elapsed, global_step)
     progress.set_postfix(SPS=f"{global_step / elapsed:.0f}", ret=f"{mean_return:.1f}", refresh=False)
@@ -552,6 +559,28 @@ def explore(policy, obs_normalizer, obs, noise_stds):
     actions = policy(obs_normalizer.normalize(obs))
     noise = torch.randn_like(actions) * noise_stds[:, None]
     return (actions + noise).clamp(-1.0, 1.0)
+
+
+def make_eval_env(args, device):
+    """A few envs of their own for the deterministic policy, stepped once per iteration beside the
+    training envs: the training return mixes in exploration noise up to std 0.8, this one does not."""
+    num_eval_envs = args.eval_envs if args.eval_envs is not None else (0 if args.task.startswith("isaacgym:") else 4)
+    if num_eval_envs == 0:
+        return None
+    eval_env = envs.make_env(args.task, num_eval_envs, device=device, seed=args.seed + 10_000)
+    eval_env.check_finite_actions = False  # the policy's actions are checked through the training envs
+    return eval_env
+
+
+@torch.no_grad()
+def evaluation_step(eval_env, eval_obs, policy, obs_normalizer, stats):
+    """One step of the evaluation envs with the deterministic policy; the returns of the episodes
+    that end are summed into stats. Returns the next observations."""
+    eval_obs, _, terminated, truncated, info = eval_env.step(policy(obs_normalizer.normalize(eval_obs)))
+    ended = (terminated | truncated).float()
+    stats["eval_return_sum"] += (info["episode_return"] * ended).sum()
+    stats["eval_episodes"] += ended.sum()
+    return eval_obs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -900,7 +929,7 @@ def p_learner(coordinator, shared_replay, actor, actor_optimizer, policy_critic,
 # ---------------------------------------------------------------------------------------------
 # The main loop: the actor in the main thread, the V-learner and P-learner in their own threads
 # ---------------------------------------------------------------------------------------------
-def train(args, env, devices):
+def train(args, env, eval_env, devices):
     actor_device, v_device, p_device = devices
     # The loop below watches for non-finite values itself and reports the step where they appeared;
     # the env's own check of the actions would stop it one step later, and costs a host sync.
@@ -932,7 +961,8 @@ def train(args, env, devices):
     normalizer_mailbox = Mailbox({"obs_normalizer": obs_normalizer}, actor_device)
     # Each role sums its statistics on its own device (float64: these sums are never reset) and
     # the main thread reads them at logging intervals; a slightly stale read only shifts a log.
-    actor_stats = {name: torch.zeros((), dtype=torch.float64, device=actor_device) for name in ["return_sum", "length_sum", "episodes"]}
+    actor_stats = {name: torch.zeros((), dtype=torch.float64, device=actor_device) for name in
+                   ["return_sum", "length_sum", "episodes", "eval_return_sum", "eval_episodes"]}
     v_stats = {name: torch.zeros((), dtype=torch.float64, device=v_device) for name in ["critic_loss", "q_mean", "outside_support", "critic_nonfinite"]}
     p_stats = {name: torch.zeros((), dtype=torch.float64, device=p_device) for name in ["actor_loss", "actor_nonfinite"]}
     # Iteration of the first non-finite observation (inf: none yet), kept on the device.
@@ -959,6 +989,7 @@ def train(args, env, devices):
     try:
         with role_streams(actor_device, v_device):
             obs = env.reset()
+            eval_obs = eval_env.reset() if eval_env is not None else None
             while global_step < args.total_timesteps and time.time() - start_time < args.max_time:
                 if not coordinator.wait_until(coordinator.actor_may_step, deadline=start_time + args.max_time):
                     break  # a learner failed (its exception is re-raised below), or the time ran out waiting
@@ -979,6 +1010,8 @@ def train(args, env, devices):
                 actor_stats["return_sum"] += (info["episode_return"] * ended).sum()
                 actor_stats["length_sum"] += (info["episode_length"] * ended).sum()
                 actor_stats["episodes"] += ended.sum()
+                if eval_env is not None:  # the same policy without noise, on envs of its own
+                    eval_obs = evaluation_step(eval_env, eval_obs, acting_policy, obs_normalizer, actor_stats)
                 first_nonfinite_iteration = torch.where(torch.isfinite(next_obs).all(), first_nonfinite_iteration,
                                                         torch.minimum(first_nonfinite_iteration, iteration_on_device))
                 iteration_on_device += 1
@@ -1097,6 +1130,7 @@ def main():
             np.random.seed(args.seed)
             torch.manual_seed(args.seed)
             env = envs.make_env(args.task, args.num_envs, device=devices[0], seed=args.seed)
+            eval_env = make_eval_env(args, devices[0])
             capacity = args.buffer_size // args.num_envs
             if capacity <= overwrite_guard(args):
                 raise ValueError(f"--buffer-size ({args.buffer_size}) must hold more than {overwrite_guard(args)} rows per env"
@@ -1109,7 +1143,7 @@ def main():
     if args.eval_checkpoint is not None:
         evaluate(args.eval_checkpoint, args.eval_episodes, device, args.seed)
         return 0
-    return train(args, env, devices)
+    return train(args, env, eval_env, devices)
 
 
 if __name__ == "__main__":

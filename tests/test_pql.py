@@ -217,9 +217,11 @@ def test_cli_tiny_run_writes_scalars_checkpoint_and_evaluates(tmp_path):
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "Pendulum__pql__1__*"))
     scalars = read_scalars(run_dir)
     for tag in ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/v_updates_per_s",
-                "losses/critic_loss", "losses/actor_loss", "losses/q_mean"]:
+                "losses/critic_loss", "losses/actor_loss", "losses/q_mean", "eval/episodic_return"]:
         assert scalars.get(tag), f"{tag} missing"
     assert [value for _, value in scalars["charts/episodic_length"]] == [200.0, 200.0]
+    # The deterministic policy's return, from its own envs: logged where their episodes end, like the training return.
+    assert [step for step, _ in scalars["eval/episodic_return"]] == [step for step, _ in scalars["charts/episodic_return"]]
     assert all(-2000 < value < 0 for _, value in scalars["charts/episodic_return"])
     checkpoint = torch.load(os.path.join(run_dir, "model.pt"), weights_only=False)
     assert checkpoint["global_step"] == 6400 and checkpoint["args"]["hidden_dims"] == (32, 32)
@@ -255,6 +257,8 @@ def test_same_seed_gives_identical_returns_on_cpu(tmp_path):
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--buffer-size", str(10**13)], "--buffer-size"),  # does not fit in memory
     (["--eval-checkpoint", "no/such/model.pt"], "--eval-checkpoint"),
+    (["--eval-envs", "-1"], "--eval-envs"),
+    (["--task", "isaacgym:Ant", "--eval-envs", "2"], "--eval-envs must be 0 for isaacgym"),
 ])
 def test_bad_flags_fail_before_any_work_naming_the_flag(tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.chdir(tmp_path)
@@ -280,7 +284,7 @@ def test_nonfinite_values_stop_at_their_step_and_keep_the_last_good_checkpoint(t
 
     env.step = poisoned_step
     args = make_args(num_envs=8, buffer_size=8000, warmup_iterations=2, log_interval=5, save_interval=1e-9, device="cpu")
-    assert pql.train(args, env, torch.device("cpu")) == 1
+    assert pql.train(args, env, None, torch.device("cpu")) == 1
     err = capsys.readouterr().err
     assert "non-finite" in err and "env step 112 (iteration 13)" in err
     (checkpoint_path,) = glob.glob("runs/*/model.pt")
@@ -353,21 +357,30 @@ def test_ctrl_c_and_sigterm_save_the_checkpoint_and_exit_cleanly(tmp_path, signa
     assert seconds_to_exit < 15
 
 
-def learned_mean_return(script, extra_flags, tmp_path):
-    """Train Pendulum with small settings, a fixed seed and a fixed budget of env steps, and return
-    the deterministic policy's mean return over 20 episodes."""
-    result = subprocess.run([sys.executable, os.path.join(REPO, script), "--task", "Pendulum", "--num-envs", "64",
+def start_learning_run(script, extra_flags, cwd, one_thread=False):
+    """Start training Pendulum with small settings, a fixed seed and a fixed budget of env steps."""
+    return subprocess.Popen([sys.executable, os.path.join(REPO, script), "--task", "Pendulum", "--num-envs", "64",
                              "--hidden-dims", "64", "64", "--batch-size", "1024", "--device", "cpu",
                              "--total-timesteps", "51200", "--seed", "1", *extra_flags],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1") if one_thread else None)
+
+
+def deterministic_return(training, cwd):
+    """Wait for a learning run to end, then return its deterministic policy's mean return over 20 episodes."""
+    _, err = training.communicate(timeout=600)
+    assert training.returncode == 0, err
     # Captured output is not a terminal: the progress bar refreshes once a minute, not ten times a second.
-    assert result.stderr.count("\r") <= 6, result.stderr.count("\r")
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
-    evaluation = run_pql(["--eval-checkpoint", os.path.join(run_dir, "model.pt"), "--eval-episodes", "20", "--device", "cpu"], tmp_path)
+    assert err.count("\r") <= 6, err.count("\r")
+    (run_dir,) = glob.glob(os.path.join(str(cwd), "runs", "*"))
+    evaluation = run_pql(["--eval-checkpoint", os.path.join(run_dir, "model.pt"), "--eval-episodes", "20", "--device", "cpu"], cwd)
     return float(evaluation.stdout.split("mean return ")[1].split()[0])
 
 
-def test_learns_pendulum(tmp_path):
+def learned_mean_return(script, extra_flags, tmp_path):
+    return deterministic_return(start_learning_run(script, extra_flags, tmp_path), tmp_path)
+
+
+def test_learns_pendulum(pql_pendulum_returns):
     """The deterministic policy must swing the pendulum up (random: about -1250; solved: -150 to -200)."""
-    assert learned_mean_return("pql.py", [], tmp_path) > -400
+    assert pql_pendulum_returns["scalar"] > -400

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import pql
-from test_pql import learned_mean_return
 
 
 def loop_projection(probs, rewards, discounts, atoms):
@@ -109,5 +108,5 @@ def test_distributional_critic_update_uses_the_lower_target_and_cross_entropy():
     assert 0.0 <= outside.item() <= 1.0
 
 
-def test_learns_pendulum_distributional(tmp_path):
-    assert learned_mean_return("pql.py", ["--distributional"], tmp_path) > -400
+def test_learns_pendulum_distributional(pql_pendulum_returns):
+    assert pql_pendulum_returns["distributional"] > -400

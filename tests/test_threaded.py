@@ -210,7 +210,7 @@ def test_no_copy_toward_the_cpu_is_left_running_behind(tmp_path, monkeypatch):
                              warmup_iterations=2, total_timesteps=8 * 60, log_interval=20, sync_interval=1)
     cpu = torch.device("cpu")
     env = pql_threaded.envs.make_env("Pendulum", 8, device=cpu, seed=0)
-    assert pql_threaded.train(args, env, (cpu, cpu, cpu)) == 0
+    assert pql_threaded.train(args, env, None, (cpu, cpu, cpu)) == 0
     assert nonblocking_to_cpu == []
 
 
@@ -392,7 +392,7 @@ def test_mailbox_hands_snapshots_over_with_events_and_no_host_waits(monkeypatch)
 # ---------------------------------------------------------------------------------------------
 # A lagging GPU, played on the CPU: every learner's read lands as late as the in-flight limit allows
 # ---------------------------------------------------------------------------------------------
-def run_with_lagging_reads(monkeypatch, tmp_path, guard_for, v_updates_per_env_step, iterations=150):
+def run_with_lagging_reads(monkeypatch, tmp_path, guard_for, v_updates_per_env_step, iterations=100):
     """Train with real threads, and check each sample's rows as late as a GPU could read them.
 
     Every column of the replay buffer is stamped with the iteration that wrote it, at the moment
@@ -439,7 +439,7 @@ def run_with_lagging_reads(monkeypatch, tmp_path, guard_for, v_updates_per_env_s
     args.buffer_size = 4 * (pql_threaded.overwrite_guard(args) + 1)
     cpu = torch.device("cpu")
     env = pql_threaded.envs.make_env("Pendulum", 4, device=cpu, seed=0)
-    assert pql_threaded.train(args, env, (cpu, cpu, cpu)) == 0
+    assert pql_threaded.train(args, env, None, (cpu, cpu, cpu)) == 0
     return overwritten[0], checked[0]
 
 
@@ -447,9 +447,9 @@ def run_with_lagging_reads(monkeypatch, tmp_path, guard_for, v_updates_per_env_s
 def test_no_row_is_overwritten_between_being_sampled_and_being_read(monkeypatch, tmp_path, v_updates_per_env_step):
     real_guard = pql_threaded.overwrite_guard
     overwritten, checked = run_with_lagging_reads(monkeypatch, tmp_path, real_guard, v_updates_per_env_step)
-    assert checked > 100 and overwritten == 0
+    assert checked > 50 and overwritten == 0
 
 
 def test_the_lagging_read_check_catches_a_guard_that_is_too_small(monkeypatch, tmp_path):
     overwritten, checked = run_with_lagging_reads(monkeypatch, tmp_path, lambda args: 0, v_updates_per_env_step=1)
-    assert checked > 100 and overwritten > 0
+    assert checked > 50 and overwritten > 0
