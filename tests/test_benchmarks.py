@@ -3,6 +3,7 @@
 No timing is asserted; only that each script finishes, prints its table with the expected rows,
 and that the figures are written. Needs benchmarks/requirements.txt (rsl-rl-lib, matplotlib).
 """
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,30 @@ def test_no_run_without_logs_names_the_flag(name, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(BENCH, name), "--no-run", "--logdir", str(tmp_path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--no-run: no runs in" in result.stderr, result.stderr
+
+
+def test_seed_sweep_quick_records_each_run_once_and_resumes(tmp_path):
+    results = tmp_path / "sweep.jsonl"
+    tiny = ["--quick", "--variants", "pql.py", "--results", results, "--extra=--hidden-dims 8 --batch-size 64"]
+    out = run_script("seed_sweep.py", *tiny)
+    (row,) = table_rows(out, "defaults | `pql.py` |")
+    assert "| 0/1 |" in row or "| 1/1 |" in row, out  # one seed, solved or not, with its deterministic return
+    (line,) = results.read_text().splitlines()
+    run = json.loads(line)
+    assert run["seed"] == 1 and run["budget"] == 64 * 201 and -2000 < run["deterministic_return"] < 0
+    again = run_script("seed_sweep.py", *tiny)
+    assert "# defaults" not in again and len(results.read_text().splitlines()) == 1  # resumed: nothing ran twice
+    assert table_rows(again, "defaults | `pql.py` |") == [row]
+
+
+def test_seed_sweep_table_counts_a_seed_solved_only_if_its_deterministic_policy_is(tmp_path):
+    from seed_sweep import table
+
+    def run(seed, steps, deterministic):
+        return dict(label="x", variant="pql.py", budget=100, seed=seed, steps_to_solve=steps, deterministic_return=deterministic)
+
+    rows = table([run(1, 40, -150.0), run(2, 60, -190.0), run(3, 50, -250.0), run(4, None, -800.0), run(5, 80, -160.0)])
+    (row,) = [line for line in rows.splitlines() if line.startswith("| x |")]
+    # Seeds 1, 2 and 5 are solved: steps 40, 60, 80; seed 3 reached -200 in training but not deterministically.
+    assert "| 3/5 | 60 [50, 70] (40 to 80) |" in row and "3 (-250), 4 (-800)" in row
+    assert "| -190.0 (-800.0) |" in row

@@ -1,0 +1,180 @@
+"""Does PQL solve Pendulum on every seed? The solve rate of each variant over many seeds.
+
+Trains each variant (a script and its flags) at the README's CPU quick-start settings (Pendulum,
+64 envs, networks 64-64, batch 1024, 100,000 env steps) for every seed, one run at a time, and
+prints one row per variant: seeds solved, env steps to solve (median, quartiles, range), and the
+final return of the deterministic policy.
+
+A seed counts as solved when its mean training return (with exploration noise) reaches -200
+within the budget, as in the README's other tables, and the deterministic policy of its final
+checkpoint scores at least -200 over 20 episodes. Each run also records where its deterministic
+policy first reached -200 during training (the eval/episodic_return the scripts log).
+
+Every finished run is appended to a results file, one JSON line per run, and runs already in it
+are skipped, so a sweep can be stopped and resumed over several sittings; commit the file to keep
+the runs. A candidate change gets its own --label, so its rows stand beside the defaults'.
+
+    python benchmarks/seed_sweep.py                          # 4 variants x 20 seeds, the defaults
+    python benchmarks/seed_sweep.py --variants pql.py --seeds 1 2 3
+    python benchmarks/seed_sweep.py --label std-max-0.4 --extra="--std-max 0.4"
+    python benchmarks/seed_sweep.py --no-run                 # only the table, from the results file
+"""
+import datetime
+import glob
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Tuple
+
+import tyro
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK_START = ["--task", "Pendulum", "--num-envs", "64", "--hidden-dims", "64", "64", "--batch-size", "1024"]
+SOLVED = -200.0
+EVAL_EPISODES = 20
+
+
+@dataclass
+class Args:
+    variants: Tuple[str, ...] = ("pql.py", "pql.py --distributional", "pql_threaded.py", "pql_threaded.py --distributional")
+    """training scripts, each with its flags"""
+    seeds: Tuple[int, ...] = tuple(range(1, 21))
+    """seeds to run for every variant"""
+    budget: int = 100_000
+    """env steps per run, summed over the 64 envs"""
+    label: str = "defaults"
+    """name of the settings under test; runs with different labels are kept apart"""
+    extra: str = ""
+    """flags passed on to every run of this label, in one string, e.g. `--extra="--std-max 0.4"`"""
+    device: str = "cpu"
+    """device of the runs"""
+    results: str = os.path.join(REPO, "benchmarks", "results", "seed_sweep.jsonl")
+    """the results file: one JSON line per finished run; runs already in it are skipped"""
+    no_run: bool = False
+    """print the table from the results file only"""
+    quick: bool = False
+    """smoke test: one seed, one episode's budget (the test suite runs this with its own --results)"""
+
+
+def machine():
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def read_scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return [(s.step, s.value) for s in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def first_step_at_or_above(points, score):
+    return next((step for step, value in points if value >= score), None)
+
+
+def run_one(variant, seed, args, workdir):
+    """Train one seed in its own folder, evaluate its checkpoint, and return the result line."""
+    script, *variant_flags = variant.split()
+    command = [sys.executable, os.path.join(REPO, script), *QUICK_START, "--seed", str(seed), "--device", args.device,
+               "--total-timesteps", str(args.budget), *variant_flags, *shlex.split(args.extra)]
+    run_root = tempfile.mkdtemp(dir=workdir)
+    training = subprocess.run(command, cwd=run_root, capture_output=True, text=True)
+    if training.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{training.stderr[-3000:]}")
+    (run_dir,) = glob.glob(os.path.join(run_root, "runs", "*"))
+    evaluation = subprocess.run([sys.executable, os.path.join(REPO, "pql.py"), "--eval-checkpoint", os.path.join(run_dir, "model.pt"),
+                                 "--eval-episodes", str(EVAL_EPISODES), "--device", args.device],
+                                cwd=run_root, capture_output=True, text=True)
+    if evaluation.returncode != 0:
+        raise RuntimeError(f"evaluation of {run_dir} failed:\n{evaluation.stderr[-3000:]}")
+    train_returns = read_scalars(run_dir, "charts/episodic_return")
+    eval_returns = read_scalars(run_dir, "eval/episodic_return")
+    sps = read_scalars(run_dir, "charts/SPS")
+    shutil.rmtree(run_root)  # the result line keeps what the table needs
+    return {
+        "label": args.label, "variant": variant, "seed": seed, "budget": args.budget, "device": args.device,
+        "command": " ".join(command[1:]).replace(REPO + "/", ""),
+        "steps_to_solve": first_step_at_or_above(train_returns, SOLVED),
+        "final_training_return": train_returns[-1][1] if train_returns else None,
+        "deterministic_steps_to_solve": first_step_at_or_above(eval_returns, SOLVED),
+        "deterministic_return": float(evaluation.stdout.split("mean return ")[1].split()[0]),
+        "env_steps_per_s": sps[-1][1] if sps else None,
+        "date": str(datetime.date.today()), "machine": machine(),
+    }
+
+
+def solved(result):
+    return result["steps_to_solve"] is not None and result["deterministic_return"] >= SOLVED
+
+
+def table(results):
+    """One Markdown row per (label, variant, budget)."""
+    lines = ["| label | variant | seeds solved | env steps to solve: median [quartiles] (range) | deterministic return:"
+             " median (worst) | seeds not solved |", "|---|---|---|---|---|---|"]
+    groups = {}
+    for result in results:
+        groups.setdefault((result["label"], result["variant"], result["budget"]), []).append(result)
+    for (label, variant, budget), runs in groups.items():
+        runs.sort(key=lambda r: r["seed"])
+        steps = sorted(r["steps_to_solve"] for r in runs if solved(r))
+        if len(steps) >= 2:
+            q1, median, q3 = statistics.quantiles(steps, n=4, method="inclusive")
+            spread = f"{median:,.0f} [{q1:,.0f}, {q3:,.0f}] ({steps[0]:,} to {steps[-1]:,})"
+        else:
+            spread = f"{steps[0]:,}" if steps else "-"
+        returns = [r["deterministic_return"] for r in runs]
+        stuck = ", ".join(f"{r['seed']} ({r['deterministic_return']:.0f})" for r in runs if not solved(r)) or "none"
+        lines.append(f"| {label} | `{variant}` | {len(steps)}/{len(runs)} | {spread} | {statistics.median(returns):.1f}"
+                     f" ({min(returns):.1f}) | {stuck} |")
+    return "\n".join(lines)
+
+
+def main():
+    args = tyro.cli(Args)
+    if args.quick:
+        args.seeds, args.budget = args.seeds[:1], 64 * 201  # just past the first episode end
+    if args.budget < 64 or not args.seeds or not args.variants:
+        print("error: --budget must be >= 64 (one step of the 64 envs), and --seeds and --variants must not be empty", file=sys.stderr)
+        return 2
+    results = []
+    if os.path.exists(args.results):
+        with open(args.results) as f:
+            results = [json.loads(line) for line in f if line.strip()]
+    if not args.no_run:
+        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+        done = {(r["label"], r["variant"], r["seed"], r["budget"], r["device"]) for r in results}
+        with tempfile.TemporaryDirectory() as workdir:
+            for variant in args.variants:
+                for seed in args.seeds:
+                    if (args.label, variant, seed, args.budget, args.device) in done:
+                        continue
+                    result = run_one(variant, seed, args, workdir)
+                    results.append(result)
+                    with open(args.results, "a") as f:  # one line per run, written as soon as it ends
+                        f.write(json.dumps(result) + "\n")
+                    print(f"# {args.label} | {variant} | seed {seed}: solved at {result['steps_to_solve']} env steps,"
+                          f" deterministic return {result['deterministic_return']:.1f}", flush=True)
+    shown = [r for r in results if r["budget"] == args.budget and r["device"] == args.device]
+    if not shown:
+        print(f"error: no runs in {args.results} for --budget {args.budget} --device {args.device}; run without --no-run first",
+              file=sys.stderr)
+        return 2
+    print(f"\nPendulum at the CPU quick-start settings, {args.budget:,} env steps; runs from {args.results}"
+          f" (dates {min(r['date'] for r in shown)} to {max(r['date'] for r in shown)}; {shown[-1]['machine']})\n")
+    print(table(shown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
