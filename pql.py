@@ -525,11 +525,11 @@ def project_onto_atoms(next_probs, n_step_reward, discount, atoms):
 
 def copy_weights(source, destination):
     """Hand a network from one role to another: overwrite the destination's parameters in place.
-    Only a copy toward a GPU may return before it has landed; toward the CPU the values are needed
-    as soon as the call returns."""
+    Only a copy between GPUs may return before it has landed: toward the CPU the values are needed
+    as soon as the call returns, and from the CPU the source may change as soon as it returns."""
     with torch.no_grad():
         for src, dst in zip(source.state_dict().values(), destination.state_dict().values()):
-            dst.copy_(src, non_blocking=dst.is_cuda)
+            dst.copy_(src, non_blocking=src.is_cuda and dst.is_cuda)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import random
 import signal
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -538,11 +539,11 @@ def project_onto_atoms(next_probs, n_step_reward, discount, atoms):
 
 def copy_weights(source, destination):
     """Hand a network from one role to another: overwrite the destination's parameters in place.
-    Only a copy toward a GPU may return before it has landed; toward the CPU the values are needed
-    as soon as the call returns."""
+    Only a copy between GPUs may return before it has landed: toward the CPU the values are needed
+    as soon as the call returns, and from the CPU the source may change as soon as it returns."""
     with torch.no_grad():
         for src, dst in zip(source.state_dict().values(), destination.state_dict().values()):
-            dst.copy_(src, non_blocking=dst.is_cuda)
+            dst.copy_(src, non_blocking=src.is_cuda and dst.is_cuda)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -779,16 +780,18 @@ class Mailbox:
         if self.version == seen_version:  # reading an int needs no lock: at worst we copy next time
             return seen_version
         with self.lock:
-            self.wait_for_snapshot()
+            self.order_after_publish()
             copy_weights(self.snapshots[name], destination)
             if self.published is not None:
+                if id(destination) not in self.finished_reading:
+                    self.finished_reading[id(destination)] = torch.cuda.Event()
                 # A copy between GPUs runs on the source's stream, so this event covers it too.
-                finished = self.finished_reading.setdefault(id(destination), torch.cuda.Event())
-                finished.record(torch.cuda.current_stream(self.device))
+                self.finished_reading[id(destination)].record(torch.cuda.current_stream(self.device))
             return self.version
 
-    def wait_for_snapshot(self):
-        """Make this thread's stream on the snapshot's device wait until the last publish has landed."""
+    def order_after_publish(self):
+        """Make this thread's stream on the snapshot's device wait (on the GPU, not here on the host)
+        until the last publish has landed: what the thread queues on it next reads the new snapshot."""
         if self.published is not None:
             torch.cuda.current_stream(self.device).wait_event(self.published)
 
@@ -801,7 +804,8 @@ class InFlightLimit:
 
     def __init__(self, device, limit=MAX_UPDATES_IN_FLIGHT):
         self.device, self.marks = device, 0
-        self.events = [torch.cuda.Event() for _ in range(limit)] if device.type == "cuda" else []
+        # blocking=True: the host thread sleeps in synchronize() instead of spinning a CPU core.
+        self.events = [torch.cuda.Event(blocking=True) for _ in range(limit)] if device.type == "cuda" else []
 
     def mark(self):
         if not self.events:
@@ -1049,8 +1053,9 @@ def train(args, env, eval_env, devices):
         error = main_error
     # ---- shutdown: stop every role, wait (never forever), flush, re-raise a thread's exception ----
     coordinator.stop()
+    join_deadline = time.time() + JOIN_TIMEOUT
     for thread in threads:
-        thread.join(timeout=JOIN_TIMEOUT)  # each role checks the stop flag between updates
+        thread.join(timeout=max(0.0, join_deadline - time.time()))  # each role checks the stop flag between updates
     error = error or coordinator.error
     progress.close()
     stuck = [thread.name for thread in threads if thread.is_alive()]
@@ -1059,18 +1064,28 @@ def train(args, env, eval_env, devices):
               f" exiting without a final checkpoint (the last one is {checkpoint_path})", file=sys.stderr)
         exit_code = 1
     elif exit_code != 1:  # after a non-finite value, keep the last good checkpoint instead
-        for device in set(devices):  # the learners' streams too, before reading their losses and weights
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        # The learners may have made a loss non-finite after the last log: look once more.
-        nonfinite_updates = v_stats["critic_nonfinite"].item() + p_stats["actor_nonfinite"].item()
-        if first_nonfinite_iteration.item() == float("inf") and nonfinite_updates == 0 and save_checkpoint(
-                checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step):
-            print(f"saved {checkpoint_path} after {global_step} env steps; latest mean return {mean_return:.2f}")
-        else:
-            print("error: non-finite observation or loss in the last iterations; checkpoint not updated", file=sys.stderr)
-            exit_code = 1
+        try:
+            for device in set(devices):  # the learners' streams too, before reading their losses and weights
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            # The learners may have made a loss non-finite after the last log: look once more.
+            nonfinite_updates = v_stats["critic_nonfinite"].item() + p_stats["actor_nonfinite"].item()
+            if first_nonfinite_iteration.item() == float("inf") and nonfinite_updates == 0 and save_checkpoint(
+                    checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step):
+                print(f"saved {checkpoint_path} after {global_step} env steps; latest mean return {mean_return:.2f}")
+            else:
+                print("error: non-finite observation or loss in the last iterations; checkpoint not updated", file=sys.stderr)
+                exit_code = 1
+        except Exception:  # after a CUDA error in a role the device may refuse all work: re-raise that error below
+            if error is None:
+                raise
     writer.close()
+    if stuck:  # a thread blocked inside a CUDA call can hang the interpreter's exit: leave at once
+        if error is not None:
+            traceback.print_exception(type(error), error, error.__traceback__)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
     if error is not None:
         raise error
     return exit_code
@@ -1098,8 +1113,9 @@ def save_published_checkpoint(path, policy_mailbox, critic_mailbox, obs_normaliz
     """A checkpoint while the learners train: from the published snapshots, under their locks,
     so it never mixes half-updated weights. Returns False (and writes nothing) if they are not finite."""
     with policy_mailbox.lock, critic_mailbox.lock:
-        policy_mailbox.wait_for_snapshot()
-        critic_mailbox.wait_for_snapshot()
+        policy_mailbox.order_after_publish()
+        critic_mailbox.order_after_publish()
+        # save_checkpoint copies to the host, which waits for those copies: done before the locks go.
         return save_checkpoint(path, policy_mailbox.snapshots["actor"], critic_mailbox.snapshots["critic"],
                                critic_mailbox.snapshots["critic_target"], obs_normalizer, args, global_step)
 

@@ -262,7 +262,7 @@ class FakeCuda:
             "device_count": lambda: device_count,
             "current_device": lambda: fake.current_device,
             "Stream": lambda device: fake.Stream(fake, torch.device(device).index, "new"),
-            "Event": lambda: fake.Event(fake),
+            "Event": lambda **options: fake.Event(fake),
             "default_stream": lambda device=None: fake.default_streams[fake.index(device)],
             "current_stream": lambda device=None: fake.current_streams[fake.index(device)],
             "stream": lambda stream: fake.switch(stream=stream),
