@@ -121,7 +121,7 @@ def solved(result):
 def table(results):
     """One Markdown row per (label, variant, budget)."""
     lines = ["| label | variant | seeds solved | env steps to solve: median [quartiles] (range) | deterministic return:"
-             " median (worst) | seeds not solved |", "|---|---|---|---|---|---|"]
+             " median (worst) | seeds not solved | final deterministic policy >= -200 |", "|---|---|---|---|---|---|---|"]
     groups = {}
     for result in results:
         groups.setdefault((result["label"], result["variant"], result["budget"]), []).append(result)
@@ -135,8 +135,9 @@ def table(results):
             spread = f"{steps[0]:,}" if steps else "-"
         returns = [r["deterministic_return"] for r in runs]
         stuck = ", ".join(f"{r['seed']} ({r['deterministic_return']:.0f})" for r in runs if not solved(r)) or "none"
+        policy_solved = sum(r >= SOLVED for r in returns)  # whatever the noisy training return did
         lines.append(f"| {label} | `{variant}` | {len(steps)}/{len(runs)} | {spread} | {statistics.median(returns):.1f}"
-                     f" ({min(returns):.1f}) | {stuck} |")
+                     f" ({min(returns):.1f}) | {stuck} | {policy_solved}/{len(runs)} |")
     return "\n".join(lines)
 
 
@@ -170,7 +171,8 @@ def main():
         print(f"error: no runs in {args.results} for --budget {args.budget} --device {args.device}; run without --no-run first",
               file=sys.stderr)
         return 2
-    print(f"\nPendulum at the CPU quick-start settings, {args.budget:,} env steps; runs from {args.results}"
+    results_path = os.path.relpath(args.results, REPO) if os.path.abspath(args.results).startswith(REPO + os.sep) else args.results
+    print(f"\nPendulum at the CPU quick-start settings, {args.budget:,} env steps; runs from {results_path}"
           f" (dates {min(r['date'] for r in shown)} to {max(r['date'] for r in shown)}; {shown[-1]['machine']})\n")
     print(table(shown))
     return 0
