@@ -839,7 +839,8 @@ def role_streams(own_device, *other_devices):
     snapshots and statistics before the roles started: each role's stream waits for that work first.
     """
     contexts = contextlib.ExitStack()
-    for device in [*(d for d in dict.fromkeys(other_devices) if d != own_device), own_device]:
+    devices = [device for device in dict.fromkeys(other_devices) if device != own_device] + [own_device]
+    for device in devices:
         if device.type == "cuda":
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.default_stream(device))
@@ -855,10 +856,10 @@ class SharedReplay:
     The actor writes a column on its stream, records `written` after it, and only then, under
     the lock, the new column becomes visible (ReplayBuffer.pos/size move in the same critical
     section). A learner, under the same lock, makes its stream wait for `written` and chooses its
-    rows from pos/size; it gathers them after releasing the lock (about 40 torch calls that need
-    no lock: they never read pos/size). So a learner's sample can only see columns whose writes
-    come before it on the GPU; and the columns the actor may overwrite concurrently are excluded
-    by the buffer's overwrite guard. Together: no sample ever reads a half-written row.
+    rows from pos/size; it gathers them after releasing the lock (most of a sample's torch calls,
+    which need no lock: they never read pos/size). So a learner's sample can only see columns
+    whose writes come before it on the GPU; and the columns the actor may overwrite concurrently
+    are excluded by the buffer's overwrite guard. Together: no sample ever reads a half-written row.
     """
 
     def __init__(self, replay_buffer, coordinator):
