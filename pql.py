@@ -96,6 +96,8 @@ class Args:
     """std of the noise added to target actions (target policy smoothing)"""
     target_noise_clip: float = 0.2
     """the target action noise is clipped to +- this"""
+    pre_tanh_bound: float = float("inf")
+    """the policy's outputs before its tanh are penalised quadratically beyond +- this, so the tanh cannot saturate (where the critic's gradient no longer moves the policy); inf: no penalty (the public code)"""
     obs_clip: float = 5.0
     """normalized observations are clamped to +- this"""
     reward_scale: Optional[float] = None
@@ -158,6 +160,7 @@ def validate_args(args):
         (args.nstep >= 1, "--nstep must be >= 1"),
         (0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
         (0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
+        (args.pre_tanh_bound > 0.0, f"--pre-tanh-bound must be > 0 (inf: no penalty), got {args.pre_tanh_bound}"),
         (args.critic_lr > 0, "--critic-lr must be > 0"),
         (args.actor_lr > 0, "--actor-lr must be > 0"),
         (args.max_grad_norm > 0, "--max-grad-norm must be > 0"),
@@ -622,8 +625,15 @@ def update_critic(critic, critic_target, critic_optimizer, target_policy, obs_no
 # ---------------------------------------------------------------------------------------------
 def update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs, args):
     obs = obs_normalizer.normalize(obs)
-    q1, q2 = policy_critic(obs, actor(obs))  # policy_critic is a frozen copy: no critic gradients
+    pre_tanh = actor.net(obs)
+    q1, q2 = policy_critic(obs, torch.tanh(pre_tanh))  # policy_critic is a frozen copy: no critic gradients
     actor_loss = -torch.min(q1, q2).mean()
+    if args.pre_tanh_bound != float("inf"):
+        # Past |pre_tanh| ~ 3 the tanh is flat (slope < 0.01; 3e-6 at 7), so the critic's gradient
+        # cannot move the policy there any more: a Pendulum policy stuck at full torque below the
+        # horizontal stays stuck although its critic rates the opposite torque higher (README,
+        # "Does every seed solve Pendulum?"). The penalty is zero inside the bound.
+        actor_loss = actor_loss + ((pre_tanh.abs() - args.pre_tanh_bound).clamp(min=0.0) ** 2).mean()
     actor_optimizer.zero_grad(set_to_none=True)
     actor_loss.backward()
     nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)

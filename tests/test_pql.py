@@ -180,6 +180,34 @@ def test_actor_update_follows_the_critic_and_leaves_it_alone():
     assert actor(obs).mean().item() > before + 0.3
 
 
+@pytest.mark.parametrize("bound", [3.0, float("inf")])
+def test_pre_tanh_penalty_pulls_a_saturated_policy_back_inside_its_bound(bound):
+    args = make_args(actor_lr=0.05, pre_tanh_bound=bound)
+    actor = pql.Actor(3, 1, args.hidden_dims)
+    with torch.no_grad():  # a policy at full torque everywhere: tanh(8), where the tanh is flat
+        for param in actor.parameters():
+            param.zero_()
+        actor.net[-1].bias.fill_(8.0)
+
+    class Indifferent(torch.nn.Module):  # a critic with no opinion on the action: only the penalty acts
+        def forward(self, obs, actions):
+            return 0.0 * actions.squeeze(1), 0.0 * actions.squeeze(1)
+    optimizer = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr)
+    normalizer = pql.ObsNormalizer(3, clip=5.0, device=torch.device("cpu"))
+    obs = torch.randn(64, 3)
+    first_loss = pql.update_actor(actor, optimizer, Indifferent(), normalizer, obs, args).item()
+    for _ in range(150):
+        pql.update_actor(actor, optimizer, Indifferent(), normalizer, obs, args)
+    pre_tanh = actor.net(normalizer.normalize(obs)).detach()
+    if bound == 3.0:
+        assert first_loss == pytest.approx((8.0 - 3.0) ** 2)  # the squared excess, averaged over the batch
+        # Pulled back inside the bound; Adam's momentum carries it a little past, but inside the
+        # bound the penalty is zero, so nothing pushes it on toward 0.
+        assert pre_tanh.max() < 3.05 and pre_tanh.min() > 2.0
+    else:
+        assert first_loss == 0.0 and pre_tanh.min() > 7.0  # no penalty: only AdamW's weight decay moves it
+
+
 # ---------------------------------------------------------------------------------------------
 # The script as users run it
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +286,7 @@ def test_same_seed_gives_identical_returns_on_cpu(tmp_path):
     (["--buffer-size", str(10**13)], "--buffer-size"),  # does not fit in memory
     (["--eval-checkpoint", "no/such/model.pt"], "--eval-checkpoint"),
     (["--eval-envs", "-1"], "--eval-envs"),
+    (["--pre-tanh-bound", "0"], "--pre-tanh-bound"),
     (["--task", "isaacgym:Ant", "--eval-envs", "2"], "--eval-envs must be 0 for isaacgym"),
 ])
 def test_bad_flags_fail_before_any_work_naming_the_flag(tmp_path, monkeypatch, capsys, flags, message):
