@@ -5,10 +5,12 @@ Trains each variant (a script and its flags) at the README's CPU quick-start set
 prints one row per variant: seeds solved, env steps to solve (median, quartiles, range), and the
 final return of the deterministic policy.
 
-A seed counts as solved when its mean training return (with exploration noise) reaches -200
-within the budget, as in the README's other tables, and the deterministic policy of its final
-checkpoint scores at least -200 over 20 episodes. Each run also records where its deterministic
-policy first reached -200 during training (the eval/episodic_return the scripts log).
+A seed counts as solved when the deterministic policy of its final checkpoint scores at least -200
+over 20 episodes; its env steps to solve are where the policy itself first scored -200 during
+training (the deterministic policy on the scripts' evaluation envs, eval/episodic_return), or the
+budget if only the final evaluation did. The README's other tables read "solved"
+from the training return, which mixes in exploration noise up to std 0.8 and can stay below -200
+while the policy scores -140; the table shows that count too, in its last column.
 
 Every finished run is appended to a results file, one JSON line per run, and runs already in it
 are skipped, so a sweep can be stopped and resumed over several sittings; commit the file to keep
@@ -72,6 +74,17 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+def code_version():
+    """The commit the runs train with, marked when the training scripts differ from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "pql.py", "pql_threaded.py", "envs.py"], cwd=REPO,
+                                 capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+    return (commit + "+changes" if changed else commit) or None
+
+
 def read_scalars(run_dir, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
@@ -110,24 +123,34 @@ def run_one(variant, seed, args, workdir):
         "deterministic_steps_to_solve": first_step_at_or_above(eval_returns, SOLVED),
         "deterministic_return": float(evaluation.stdout.split("mean return ")[1].split()[0]),
         "env_steps_per_s": sps[-1][1] if sps else None,
-        "date": str(datetime.date.today()), "machine": machine(),
+        "date": str(datetime.date.today()), "machine": machine(), "commit": code_version(),
     }
 
 
 def solved(result):
-    return result["steps_to_solve"] is not None and result["deterministic_return"] >= SOLVED
+    """The deterministic policy of the final checkpoint scores at least -200 over 20 episodes."""
+    return result["deterministic_return"] >= SOLVED
+
+
+def steps_to_solve(result):
+    """Where the policy itself first scored -200 during training (eval/episodic_return, a mean over
+    the 4 evaluation envs' episodes, logged as they end, every 200 iterations); if it never did
+    there, the budget, when the final checkpoint's 20-episode evaluation does."""
+    if result["deterministic_steps_to_solve"] is not None:
+        return result["deterministic_steps_to_solve"]
+    return result["budget"] if solved(result) else None
 
 
 def table(results):
     """One Markdown row per (label, variant, budget)."""
-    lines = ["| label | variant | seeds solved | env steps to solve: median [quartiles] (range) | deterministic return:"
-             " median (worst) | seeds not solved | final deterministic policy >= -200 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| label | variant | seeds solved | env steps to solve: median [quartiles] (range) | final deterministic return:"
+             " median (worst) | seeds not solved | training return reached -200 |", "|---|---|---|---|---|---|---|"]
     groups = {}
     for result in results:
         groups.setdefault((result["label"], result["variant"], result["budget"]), []).append(result)
     for (label, variant, budget), runs in groups.items():
         runs.sort(key=lambda r: r["seed"])
-        steps = sorted(r["steps_to_solve"] for r in runs if solved(r))
+        steps = sorted(steps_to_solve(r) for r in runs if solved(r))
         if len(steps) >= 2:
             q1, median, q3 = statistics.quantiles(steps, n=4, method="inclusive")
             spread = f"{median:,.0f} [{q1:,.0f}, {q3:,.0f}] ({steps[0]:,} to {steps[-1]:,})"
@@ -135,9 +158,11 @@ def table(results):
             spread = f"{steps[0]:,}" if steps else "-"
         returns = [r["deterministic_return"] for r in runs]
         stuck = ", ".join(f"{r['seed']} ({r['deterministic_return']:.0f})" for r in runs if not solved(r)) or "none"
-        policy_solved = sum(r >= SOLVED for r in returns)  # whatever the noisy training return did
+        # The criterion of the README's other tables: the training return, with exploration noise.
+        training_solved = sorted(r["steps_to_solve"] for r in runs if r["steps_to_solve"] is not None)
+        training = f"{len(training_solved)}/{len(runs)}" + (f", median {statistics.median(training_solved):,.0f}" if training_solved else "")
         lines.append(f"| {label} | `{variant}` | {len(steps)}/{len(runs)} | {spread} | {statistics.median(returns):.1f}"
-                     f" ({min(returns):.1f}) | {stuck} | {policy_solved}/{len(runs)} |")
+                     f" ({min(returns):.1f}) | {stuck} | {training} |")
     return "\n".join(lines)
 
 
