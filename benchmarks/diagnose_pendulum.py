@@ -10,13 +10,12 @@ from the same random starts (Gymnasium's start distribution), and prints per che
     policy's output before its tanh goes (past ~3 the tanh is flat and passes almost no gradient);
   * for the stuck episodes: where they hang, whether the critic's slope dQ/da at the policy's
     action asks for more of the same torque, and whether the critic's best action over a grid
-    has the opposite sign (then the critic knows better and the policy is caught in a local
-    optimum of its gradient ascent);
+    has the opposite sign: Q(s, a) is the return of taking a once and then following the policy,
+    so a higher Q at the opposite action is an improvement the policy could make in that state
+    (the policy improvement step) and its gradient ascent does not find;
   * the critic: its Q (the smaller head, as the policy is trained) at the start states against the
     true discounted return, computed by running the policy on past the episode end (the critic
-    bootstraps through time limits, so it estimates the unending return), in the critic's units;
-  * with several checkpoints, each critic also scores every other policy's starts: does a stuck
-    critic know that a solved policy is worth more than its own?
+    bootstraps through time limits, so it estimates the unending return), in the critic's units.
 
     python benchmarks/diagnose_pendulum.py runs/<stuck run>/model.pt runs/<solved run>/model.pt
 """
@@ -178,15 +177,6 @@ def main():
                   f" in {100 * summary['stuck opposite better']:.0f}% of their late steps")
         print(f"    critic on its own policy: at the starts Q {summary['Q']:.2f}, true {summary['true']:.2f}; mean |Q - true| over the"
               f" episode {summary['Q error']:.2f}")
-    if len(runs) > 1:
-        print("\nEach critic (row) on each policy's start states and first actions (column): mean Q - mean true value, then [mean Q | true]")
-        for i, run in enumerate(runs):
-            cells = []
-            for path in paths:
-                q, _ = critic_values(run, path, 1)
-                true_value = (path["discounted"][0] * run["reward_scale"]).mean().item()
-                cells.append(f"{q.mean().item() - true_value:+.2f} [{q.mean().item():.2f} | {true_value:.2f}]")
-            print(f"  critic [{i}]: " + "   ".join(f"on [{j}] {cell}" for j, cell in enumerate(cells)))
     return 0
 
 
