@@ -205,3 +205,16 @@ def test_diagnose_pendulum_on_policies_whose_behaviour_physics_tells(tmp_path):
     write_pendulum_checkpoint(tmp_path / "weak.pt", action_bias=0.1, critic_slope=1.0)
     weak = describe(load(str(tmp_path / "weak.pt")), rollout(load(str(tmp_path / "weak.pt")), args))
     assert weak["late at limit"] == 0.0 and weak["pre-tanh > 3"] == 0.0 and weak["balanced"] == 0
+
+
+def test_update_speed_counts_flops_and_times_each_path():
+    from update_speed import mlp_flops, update_flops
+
+    # 64-64 on Pendulum's 3 observations and 1 action: 3*64 + 64*64 + 64*1 multiply-adds per sample.
+    assert mlp_flops(3, (64, 64), 1, batch=10) == 2 * 10 * (3 * 64 + 64 * 64 + 64)
+    actor, q_head = mlp_flops(3, (64, 64), 1, 1024), mlp_flops(4, (64, 64), 1, 1024)
+    assert update_flops((64, 64), 1024) == (actor + 8 * q_head, 3 * actor + 4 * q_head)
+    out = run_script("update_speed.py", "--sizes", "quick-start", "--paths", "plain", "fused", "--seconds", "0.5")
+    rows = table_rows(out, "quick-start")
+    assert [row.split(" | ")[1] for row in rows] == ["plain", "fused"] or "path fused unavailable" in out, out
+    assert rows[0].endswith("| 1.00x |") and float(rows[0].split(" | ")[2].replace(",", "")) > 0
