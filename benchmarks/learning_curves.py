@@ -1,9 +1,11 @@
 """PQL against PPO on the built-in tasks: episodic return against env steps and against seconds.
 
-Trains pql.py, pql_threaded.py and PPO from rsl_rl (benchmarks/ppo.py) on each task and seed, one
-process at a time, with the same wall-clock budget per task for every method, keeps their
-TensorBoard logs under --logdir (emptied first: one invocation, one set of runs; default
-benchmarks/logs/learning) with a manifest.json (machine, date, budgets, commands), and prints Markdown tables: per method, how many seeds reached
+Trains pql.py, pql_threaded.py and PPO from rsl_rl (benchmarks/ppo.py) on each task and seed, each
+run a Ray task that reserves the machine's cores (benchmarks/grid.py: one run at a time on one
+machine, many at once on a cluster), with the same wall-clock budget per task for every method,
+keeps their TensorBoard logs under --logdir (default benchmarks/logs/learning) with a manifest.json
+(machine, dates, budgets, commands) and done.json (the finished runs: a grid stopped part-way
+resumes with the rest), and prints Markdown tables: per method, how many seeds reached
 the solved score, the env steps and training seconds it took (mean over the seeds that reached it),
 and the ratios PQL / PPO. `python benchmarks/plots.py` draws the curves from the same logs.
 
@@ -16,6 +18,7 @@ charts/SPS at that point, without start-up. PQL runs with the README's CPU quick
     python benchmarks/learning_curves.py --quick          # 1 seed, 25 s per run: a few minutes
     python benchmarks/learning_curves.py --no-run         # only print the tables from the logs already there
     python benchmarks/learning_curves.py --device cuda --seeds 1 2 3
+    python benchmarks/learning_curves.py --address auto --cpus-per-run 4 --logdir /shared/logs/learning   # on a Ray cluster
 """
 import argparse
 import datetime
@@ -23,13 +26,13 @@ import glob
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+import grid  # noqa: E402
 from solve_times import TASKS, read_scalars, time_to_solve  # noqa: E402
 
 # Method name (also the run's exp_name) -> the script that trains it, relative to the repo.
@@ -65,10 +68,12 @@ def run_dirs(logdir, task, method, seed):
 
 
 def train(method, task, seed, device, budget, logdir):
-    """One training run in a subprocess, in logdir (it writes logdir/runs/{task}__{method}__{seed}__{time})."""
+    """One training run in a subprocess, in logdir (it writes logdir/runs/{task}__{method}__{seed}__{time}).
+    Runs as a Ray task (benchmarks/grid.py); a folder left by an unfinished attempt is removed first."""
+    for stale in run_dirs(logdir, task, method, seed):
+        shutil.rmtree(stale)
     command = command_for(method, task, seed, device, budget)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    result = subprocess.run(command, cwd=logdir, capture_output=True, text=True, env=env)
+    result = grid.run_process(command, cwd=logdir)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with code {result.returncode}:\n{result.stderr[-3000:]}")
     return " ".join(command[1:]).replace(REPO + "/", "")
@@ -146,39 +151,57 @@ def main():
     parser.add_argument("--quick", action="store_true", help=f"one seed, {QUICK_BUDGET:g} s per run")
     parser.add_argument("--max-time", type=float, default=None, help="training seconds per run, for every task (overrides the budgets)")
     parser.add_argument("--no-run", action="store_true", help="print the tables from the runs already in --logdir")
+    grid.add_arguments(parser)
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
     budgets = {task: args.max_time or (QUICK_BUDGET if args.quick else BUDGETS[task]) for task in args.tasks}
     logdir = os.path.abspath(args.logdir)
     os.makedirs(logdir, exist_ok=True)
     manifest_path = os.path.join(logdir, "manifest.json")
-
-    if args.no_run:
-        if not os.path.isfile(manifest_path):
-            parser.error(f"--no-run: no runs in {logdir} (no manifest.json): run without --no-run first")
+    manifest = None
+    if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
+
+    if args.no_run:
+        if manifest is None:
+            parser.error(f"--no-run: no runs in {logdir} (no manifest.json): run without --no-run first")
         budgets = manifest["budgets"]
         args.tasks = [task for task in args.tasks if task in manifest["tasks"]]
         args.methods = [method for method in args.methods if method in manifest["methods"]]
     else:
-        shutil.rmtree(os.path.join(logdir, "runs"), ignore_errors=True)  # one invocation, one consistent set of runs
-        start = time.time()
-        commands = []
-        for task in args.tasks:
-            for method in args.methods:
-                for seed in seeds:
-                    commands.append(train(method, task, seed, args.device, budgets[task], logdir))
-                    r = summarize(logdir, [task], [method], [seed])[task, method]
-                    print(f"# {task} {LABELS[method]} seed {seed}: solved at {fmt(r['steps'], ',.0f')} env steps,"
-                          f" {fmt(r['seconds'], '.1f')} s; final return {fmt(r['final'], '.1f')}", flush=True)
+        # Resume: the runs already finished in this folder count, if they had the same budgets and device.
+        if manifest is not None:
+            other = {t: b for t, b in manifest["budgets"].items() if t in budgets and b != budgets[t]}
+            if other or manifest["device"] != args.device:
+                parser.error(f"--logdir {logdir} holds runs with other budgets {other} or device {manifest['device']}:"
+                             " pass another --logdir, or remove that one to start over")
+        done, start = grid.Done(logdir), time.time()
+        jobs = [(f"{task}__{method}__{seed}", train, (method, task, seed, args.device, budgets[task], logdir))
+                for task in args.tasks for method in args.methods for seed in seeds if f"{task}__{method}__{seed}" not in done]
+
+        def record(name, command):  # in this process, as each run ends
+            done.add(name, command)
+            task, method, seed = name.split("__")
+            r = summarize(logdir, [task], [method], [int(seed)])[task, method]
+            print(f"# {task} {LABELS[method]} seed {seed}: solved at {fmt(r['steps'], ',.0f')} env steps,"
+                  f" {fmt(r['seconds'], '.1f')} s; final return {fmt(r['final'], '.1f')}", flush=True)
+
+        grid.run_grid(jobs, args.address, args.cpus_per_run, args.gpus_per_run, args.device, on_done=record)
+        earlier = manifest or {}
         manifest = dict(machine=machine_description(args.device), device=args.device, date=str(datetime.date.today()),
-                        budgets=budgets, seeds=seeds, tasks=args.tasks, methods=args.methods, commands=commands,
-                        wall_minutes=round((time.time() - start) / 60, 1))
+                        first_date=earlier.get("first_date", earlier.get("date", str(datetime.date.today()))),
+                        budgets={**earlier.get("budgets", {}), **budgets},
+                        seeds=sorted(set(earlier.get("seeds", [])) | set(seeds)),
+                        tasks=[t for t in BUDGETS if t in set(earlier.get("tasks", [])) | set(args.tasks)],
+                        methods=[m for m in METHODS if m in set(earlier.get("methods", [])) | set(args.methods)],
+                        commands=sorted(done.runs.values()),
+                        wall_minutes=round(earlier.get("wall_minutes", 0.0) + (time.time() - start) / 60, 1))
         with open(manifest_path, "w") as f:
             json.dump(manifest, f, indent=1)
 
-    header = (f"Machine: {manifest['machine']}, device {manifest['device']}; date {manifest['date']};"
+    dates = manifest["date"] if manifest.get("first_date", manifest["date"]) == manifest["date"] else f"{manifest['first_date']} to {manifest['date']}"
+    header = (f"Machine: {manifest['machine']}, device {manifest['device']}; date {dates};"
               f" seeds {' '.join(map(str, manifest['seeds']))}; whole run {manifest['wall_minutes']} min")
     rows = summarize(logdir, args.tasks, args.methods, manifest["seeds"])
     print()

@@ -13,8 +13,11 @@ The batch size grows with the envs, doubling when the envs quadruple: batch = 64
 which gives 1024, 2048, 4096, 8192, 16384 for 256, 1024, 4096, 16384, 65536 envs. One iteration
 is then one env step of num_envs envs (actor) and 8 critic plus 4 policy updates on `batch`
 samples (learners), so the learners' share of the work grows half as fast as the actor's.
-The runs are kept under --logdir (emptied first; default benchmarks/logs/scaling) with a
-manifest.json (machine, date, commands), for benchmarks/plots.py.
+Each run is a Ray task that reserves all of the machine's cores (benchmarks/grid.py), so timed runs
+never overlap on one machine; on a cluster, give each run a whole node (--cpus-per-run = its cores)
+and compare only rows from one kind of node. The runs are kept under --logdir (default
+benchmarks/logs/scaling) with a manifest.json (machine, dates, commands), for benchmarks/plots.py,
+and done.json (the finished runs: an interrupted grid resumes with the rest).
 
     python benchmarks/scaling.py                      # 256 .. 65536 envs, 20 timed iterations each: about 7 minutes on 2 cores
     python benchmarks/scaling.py --quick              # 256 and 1024 envs, networks 64-64: a minute
@@ -27,13 +30,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+import grid  # noqa: E402
 from solve_times import read_scalars  # noqa: E402
 
 SCRIPTS = ["pql.py", "pql_threaded.py"]
@@ -60,7 +63,11 @@ def exp_name(script, num_envs):
 
 
 def run_one(script, num_envs, device, task, hidden_dims, quick, logdir):
+    """One timed run in a subprocess, in logdir; a Ray task (benchmarks/grid.py) that reserves the
+    machine's cores, so no other run competes with its timing. An unfinished attempt's folder goes first."""
     name = exp_name(script, num_envs)
+    for stale in glob.glob(os.path.join(logdir, "runs", f"*__{name}__1__*")):
+        shutil.rmtree(stale)
     iterations = WARMUP_ITERATIONS + 1 + measured_iterations(quick)
     command = [sys.executable, os.path.join(REPO, script), "--task", task, "--device", device, "--seed", "1",
                "--num-envs", str(num_envs), "--batch-size", str(batch_size(num_envs)),
@@ -68,7 +75,7 @@ def run_one(script, num_envs, device, task, hidden_dims, quick, logdir):
                "--log-interval", "1", "--save-interval", "1e9", "--exp-name", name]
     if hidden_dims:
         command += ["--hidden-dims", *map(str, hidden_dims)]
-    result = subprocess.run(command, cwd=logdir, capture_output=True, text=True)
+    result = grid.run_process(command, cwd=logdir)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with code {result.returncode}:\n{result.stderr[-3000:]}")
     return " ".join(command[1:]).replace(REPO + "/", "")
@@ -118,35 +125,48 @@ def main():
     parser.add_argument("--logdir", default=DEFAULT_LOGDIR)
     parser.add_argument("--quick", action="store_true", help="256 and 1024 envs, networks 64-64, 4 timed iterations")
     parser.add_argument("--no-run", action="store_true", help="print the table from the runs already in --logdir")
+    grid.add_arguments(parser)
     args = parser.parse_args()
     num_envs = args.num_envs or (QUICK_NUM_ENVS if args.quick else NUM_ENVS)
     hidden_dims = [64, 64] if args.quick else None  # None: the scripts' default 512-256-128
     logdir = os.path.abspath(args.logdir)
     os.makedirs(logdir, exist_ok=True)
     manifest_path = os.path.join(logdir, "manifest.json")
-
-    if args.no_run:
-        if not os.path.isfile(manifest_path):
-            parser.error(f"--no-run: no runs in {logdir} (no manifest.json): run without --no-run first")
+    manifest = None
+    if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
+
+    if args.no_run:
+        if manifest is None:
+            parser.error(f"--no-run: no runs in {logdir} (no manifest.json): run without --no-run first")
     else:
         import torch
         from bench_envs import machine_name
-        shutil.rmtree(os.path.join(logdir, "runs"), ignore_errors=True)  # one invocation, one consistent set of runs
-        start, commands = time.time(), []
-        for n in num_envs:
-            for script in args.scripts:
-                commands.append(run_one(script, n, args.device, args.task, hidden_dims, args.quick, logdir))
-                print(f"# {script} {n} envs done", flush=True)
-        manifest = dict(machine=machine_name(torch.device(args.device)), device=args.device, date=str(datetime.date.today()),
-                        task=args.task, hidden_dims=hidden_dims or [512, 256, 128], commands=commands,
-                        torch=torch.__version__, threads=torch.get_num_threads(), wall_minutes=round((time.time() - start) / 60, 1))
+        # Resume: the runs already timed in this folder count, if they had the same settings.
+        settings = dict(device=args.device, task=args.task, hidden_dims=hidden_dims or [512, 256, 128])
+        if manifest is not None and any(manifest[key] != value for key, value in settings.items()):
+            parser.error(f"--logdir {logdir} holds runs with other settings ({ {k: manifest[k] for k in settings} }):"
+                         " pass another --logdir, or remove that one to start over")
+        done, start = grid.Done(logdir), time.time()
+        jobs = [(exp_name(script, n), run_one, (script, n, args.device, args.task, hidden_dims, args.quick, logdir))
+                for n in num_envs for script in args.scripts if exp_name(script, n) not in done]
+
+        def record(name, command):  # in this process, as each run ends
+            done.add(name, command)
+            print(f"# {name} done", flush=True)
+
+        grid.run_grid(jobs, args.address, args.cpus_per_run, args.gpus_per_run, args.device, on_done=record)
+        earlier = manifest or {}
+        manifest = dict(machine=machine_name(torch.device(args.device)), date=str(datetime.date.today()),
+                        first_date=earlier.get("first_date", earlier.get("date", str(datetime.date.today()))),
+                        commands=sorted(done.runs.values()), torch=torch.__version__, threads=torch.get_num_threads(),
+                        wall_minutes=round(earlier.get("wall_minutes", 0.0) + (time.time() - start) / 60, 1), **settings)
         with open(manifest_path, "w") as f:
             json.dump(manifest, f, indent=1)
 
     header = (f"Machine: {manifest['machine']}, device {manifest['device']}, torch {manifest['torch']} ({manifest['threads']} threads);"
-              f" date {manifest['date']}; task {manifest['task']}, networks {'-'.join(map(str, manifest['hidden_dims']))};"
+              f" date {manifest['date'] if manifest.get('first_date', manifest['date']) == manifest['date'] else manifest['first_date'] + ' to ' + manifest['date']}; task {manifest['task']}, networks {'-'.join(map(str, manifest['hidden_dims']))};"
               f" whole run {manifest['wall_minutes']} min")
     print()
     print_table(collect(logdir), header)

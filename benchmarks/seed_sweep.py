@@ -1,14 +1,15 @@
 """Does PQL solve Pendulum on every seed? The solve rate of each variant over many seeds.
 
 Trains each variant (a script and its flags) at the README's CPU quick-start settings (Pendulum,
-64 envs, networks 64-64, batch 1024, 100,000 env steps) for every seed, one run at a time, and
-prints one row per variant: seeds solved, env steps to solve (median, quartiles, range), and the
+64 envs, networks 64-64, batch 1024, 100,000 env steps) for every seed, each run a Ray task that
+reserves the machine's cores (benchmarks/grid.py: one run at a time here, many at once on a
+cluster with --address), and prints one row per variant: seeds solved, env steps to solve (median, quartiles, range), and the
 final return of the deterministic policy.
 
 A seed counts as solved when the deterministic policy of its final checkpoint scores at least -200
 over 20 episodes; its env steps to solve are where the policy itself first scored -200 during
 training (the deterministic policy on the scripts' evaluation envs, eval/episodic_return), or the
-budget if only the final evaluation did. The README's other tables read "solved"
+budget if only the final evaluation did. The other tables in docs/results.md read "solved"
 from the training return, which mixes in exploration noise up to std 0.8 and can stay below -200
 while the policy scores -140; the table shows that count too, in its last column.
 
@@ -20,6 +21,7 @@ the runs. A candidate change gets its own --label, so its rows stand beside the 
     python benchmarks/seed_sweep.py --variants pql.py --seeds 1 2 3
     python benchmarks/seed_sweep.py --label std-max-0.4 --extra="--std-max 0.4"
     python benchmarks/seed_sweep.py --no-run                 # only the table, from the results file
+    python benchmarks/seed_sweep.py --address auto --cpus-per-run 2 --results /shared/seed_sweep.jsonl   # on a Ray cluster
 """
 import datetime
 import glob
@@ -33,9 +35,11 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import tyro
+
+import grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_START = ["--task", "Pendulum", "--num-envs", "64", "--hidden-dims", "64", "64", "--batch-size", "1024"]
@@ -63,6 +67,12 @@ class Args:
     """print the table from the results file only"""
     quick: bool = False
     """smoke test: one seed, one episode's budget (the test suite runs this with its own --results)"""
+    address: Optional[str] = None
+    """Ray cluster to run on (`auto`: the one this node belongs to); default: a private instance on this machine (benchmarks/grid.py)"""
+    cpus_per_run: Optional[float] = None
+    """cores each run reserves; default: all of this machine's cores, so runs go one at a time"""
+    gpus_per_run: Optional[float] = None
+    """GPUs each run reserves; default: 1 with --device cuda, else 0"""
 
 
 def machine():
@@ -96,20 +106,22 @@ def first_step_at_or_above(points, score):
     return next((step for step, value in points if value >= score), None)
 
 
-def run_one(variant, seed, args, workdir):
-    """Train one seed in its own folder, evaluate its checkpoint, and return the result line."""
+def run_one(variant, seed, args):
+    """Train one seed in a temporary folder, evaluate its checkpoint, and return the result line.
+    Runs as a Ray task (benchmarks/grid.py), on whichever node has room."""
     script, *variant_flags = variant.split()
     command = [sys.executable, os.path.join(REPO, script), *QUICK_START, "--seed", str(seed), "--device", args.device,
                "--total-timesteps", str(args.budget), *variant_flags, *shlex.split(args.extra)]
-    run_root = tempfile.mkdtemp(dir=workdir)
-    training = subprocess.run(command, cwd=run_root, capture_output=True, text=True)
+    run_root = tempfile.mkdtemp(prefix="seed_sweep_")
+    training = grid.run_process(command, cwd=run_root)
     if training.returncode != 0:
+        shutil.rmtree(run_root)
         raise RuntimeError(f"{' '.join(command)} failed:\n{training.stderr[-3000:]}")
     (run_dir,) = glob.glob(os.path.join(run_root, "runs", "*"))
-    evaluation = subprocess.run([sys.executable, os.path.join(REPO, "pql.py"), "--eval-checkpoint", os.path.join(run_dir, "model.pt"),
-                                 "--eval-episodes", str(EVAL_EPISODES), "--device", args.device],
-                                cwd=run_root, capture_output=True, text=True)
+    evaluation = grid.run_process([sys.executable, os.path.join(REPO, "pql.py"), "--eval-checkpoint", os.path.join(run_dir, "model.pt"),
+                                   "--eval-episodes", str(EVAL_EPISODES), "--device", args.device], cwd=run_root)
     if evaluation.returncode != 0:
+        shutil.rmtree(run_root)
         raise RuntimeError(f"evaluation of {run_dir} failed:\n{evaluation.stderr[-3000:]}")
     train_returns = read_scalars(run_dir, "charts/episodic_return")
     eval_returns = read_scalars(run_dir, "eval/episodic_return")
@@ -142,13 +154,15 @@ def steps_to_solve(result):
 
 
 def table(results):
-    """One Markdown row per (label, variant, budget)."""
+    """One Markdown row per (label, variant, budget); each variant's labels side by side."""
     lines = ["| label | variant | seeds solved | env steps to solve: median [quartiles] (range) | final deterministic return:"
              " median (worst) | seeds not solved | training return reached -200 |", "|---|---|---|---|---|---|---|"]
     groups = {}
     for result in results:
         groups.setdefault((result["label"], result["variant"], result["budget"]), []).append(result)
-    for (label, variant, budget), runs in groups.items():
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    for (label, variant, budget), runs in sorted(groups.items(), key=lambda g: (variants.index(g[0][1]), labels.index(g[0][0]), g[0][2])):
         runs.sort(key=lambda r: r["seed"])
         steps = sorted(steps_to_solve(r) for r in runs if solved(r))
         if len(steps) >= 2:
@@ -158,7 +172,7 @@ def table(results):
             spread = f"{steps[0]:,}" if steps else "-"
         returns = [r["deterministic_return"] for r in runs]
         stuck = ", ".join(f"{r['seed']} ({r['deterministic_return']:.0f})" for r in runs if not solved(r)) or "none"
-        # The criterion of the README's other tables: the training return, with exploration noise.
+        # The criterion of the other tables in docs/results.md: the training return, with exploration noise.
         training_solved = sorted(r["steps_to_solve"] for r in runs if r["steps_to_solve"] is not None)
         training = f"{len(training_solved)}/{len(runs)}" + (f", median {statistics.median(training_solved):,.0f}" if training_solved else "")
         lines.append(f"| {label} | `{variant}` | {len(steps)}/{len(runs)} | {spread} | {statistics.median(returns):.1f}"
@@ -180,17 +194,17 @@ def main():
     if not args.no_run:
         os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
         done = {(r["label"], r["variant"], r["seed"], r["budget"], r["device"]) for r in results}
-        with tempfile.TemporaryDirectory() as workdir:
-            for variant in args.variants:
-                for seed in args.seeds:
-                    if (args.label, variant, seed, args.budget, args.device) in done:
-                        continue
-                    result = run_one(variant, seed, args, workdir)
-                    results.append(result)
-                    with open(args.results, "a") as f:  # one line per run, written as soon as it ends
-                        f.write(json.dumps(result) + "\n")
-                    print(f"# {args.label} | {variant} | seed {seed}: solved at {result['steps_to_solve']} env steps,"
-                          f" deterministic return {result['deterministic_return']:.1f}", flush=True)
+        jobs = [((variant, seed), run_one, (variant, seed, args)) for variant in args.variants for seed in args.seeds
+                if (args.label, variant, seed, args.budget, args.device) not in done]
+
+        def record(key, result):  # in this process, as each run ends: the results file has one writer
+            results.append(result)
+            with open(args.results, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(f"# {args.label} | {result['variant']} | seed {result['seed']}: solved at {result['steps_to_solve']} env steps,"
+                  f" deterministic return {result['deterministic_return']:.1f}", flush=True)
+
+        grid.run_grid(jobs, args.address, args.cpus_per_run, args.gpus_per_run, args.device, on_done=record)
     shown = [r for r in results if r["budget"] == args.budget and r["device"] == args.device]
     if not shown:
         print(f"error: no runs in {args.results} for --budget {args.budget} --device {args.device}; run without --no-run first",

@@ -1,12 +1,13 @@
 """Env steps and wall-clock minutes for PQL to reach the solved score on each built-in task.
 
 Runs each variant (a training script and its flags: pql.py, pql_threaded.py, pql.py with the
-distributional critic) in subprocesses with the settings below, one run at a time,
-reads the TensorBoard scalars they write, and prints a Markdown table for the README: the first
+distributional critic) in subprocesses with the settings below, each a Ray task that reserves the
+machine's cores (benchmarks/grid.py: one run at a time on one machine),
+reads the TensorBoard scalars they write, and prints a Markdown table for docs/results.md: the first
 logged point where the mean training episodic return (with exploration noise) reaches the solved
 score, as env steps and as seconds of training (from charts/SPS = env steps / seconds).
 
-    python benchmarks/solve_times.py                      # the README's table, on this machine
+    python benchmarks/solve_times.py                      # the table of docs/results.md, on this machine
     python benchmarks/solve_times.py --quick              # a smoke run of a few minutes
     python benchmarks/solve_times.py --device cuda --tasks Pendulum --variants pql.py pql_threaded.py
 """
@@ -15,11 +16,12 @@ import datetime
 import glob
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import grid  # noqa: E402
 
 # Solved score (mean training return), env-step budget, and settings per task. The settings are the
 # README's CPU quick-start: small networks and few envs, so that a 2-core machine solves each task in minutes.
@@ -55,16 +57,21 @@ def final_sps(run_dir):
     return sps[-1][1] if sps else float("nan")
 
 
-def run(variant, index, task, seed, device, budget, flags, workdir, extra):
+def run(variant, index, task, seed, device, budget, flags, extra):
+    """One training run in a temporary folder; returns its row of the table. A Ray task
+    (benchmarks/grid.py), on whichever node has room."""
     script, *variant_flags = variant.split()
     exp_name = f"bench{index}"
     command = [sys.executable, os.path.join(REPO, script), "--task", task, "--seed", str(seed), "--device", device,
                "--total-timesteps", str(budget), "--exp-name", exp_name, *flags, *variant_flags, *extra]
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    (run_dir,) = glob.glob(os.path.join(workdir, "runs", f"{task}__{exp_name}__{seed}__*"))
-    return run_dir, " ".join(command[1:]).replace(REPO + "/", "")
+    with tempfile.TemporaryDirectory(prefix="solve_times_") as workdir:
+        result = grid.run_process(command, cwd=workdir)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+        (run_dir,) = glob.glob(os.path.join(workdir, "runs", f"{task}__{exp_name}__{seed}__*"))
+        steps, seconds, final = time_to_solve(run_dir, TASKS[task]["solved"])
+        return (task, variant, seed, TASKS[task]["solved"], steps, seconds, final, final_sps(run_dir),
+                " ".join(command[1:]).replace(REPO + "/", ""))
 
 
 def main():
@@ -75,20 +82,23 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="one episode's budget, one seed: checks the pipeline only")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to every run")
+    grid.add_arguments(parser)
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
 
-    rows = []
-    with tempfile.TemporaryDirectory() as workdir:
-        for task in args.tasks:
-            spec = TASKS[task]
-            budget = spec["quick"] if args.quick else spec["budget"]  # quick: just past one episode
-            for index, variant in enumerate(args.variants):
-                for seed in seeds:
-                    run_dir, command = run(variant, index, task, seed, args.device, budget, spec["flags"], workdir, args.extra)
-                    steps, seconds, final = time_to_solve(run_dir, spec["solved"])
-                    rows.append((task, variant, seed, spec["solved"], steps, seconds, final, final_sps(run_dir), command))
-                    print(f"# {task} {variant} seed {seed}: solved at {steps} steps, {seconds} s; final return {final:.1f}", flush=True)
+    jobs = []
+    for task in args.tasks:
+        spec = TASKS[task]
+        budget = spec["quick"] if args.quick else spec["budget"]  # quick: just past one episode
+        jobs += [((task, index, seed), run, (variant, index, task, seed, args.device, budget, spec["flags"], args.extra))
+                 for index, variant in enumerate(args.variants) for seed in seeds]
+
+    def report(key, row):  # in this process, as each run ends
+        task, variant, seed, _, steps, seconds, final = row[:7]
+        print(f"# {task} {variant} seed {seed}: solved at {steps} steps, {seconds} s; final return {final:.1f}", flush=True)
+
+    results = grid.run_grid(jobs, args.address, args.cpus_per_run, args.gpus_per_run, args.device, on_done=report)
+    rows = [results[key] for key, _, _ in jobs]  # in the grid's order, whatever order they ended in
 
     cpu = platform.processor() or platform.machine()
     try:

@@ -16,6 +16,12 @@ BENCH = os.path.join(REPO, "benchmarks")
 sys.path.insert(0, BENCH)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shared_ray(ray_address):
+    """Every benchmark script run here connects to the session's Ray instance (conftest.py)."""
+    return ray_address
+
+
 def run_script(name, *args, timeout=300):
     result = subprocess.run([sys.executable, os.path.join(BENCH, name), *map(str, args)], capture_output=True, text=True,
                             timeout=timeout, cwd=REPO)
@@ -69,6 +75,16 @@ def test_learning_curves_quick(learning_logs):
     assert "Machine:" in out and "| Reacher | " in out, out  # the machine line and the ratios' row
     again = run_script("learning_curves.py", "--no-run", "--logdir", logdir)
     assert table_rows(again, "Reacher (-8)") == table_rows(out, "Reacher (-8)")
+    # Resuming: a run missing from done.json (as if the grid had stopped during it) runs again, in
+    # place of its unfinished folder; the finished ones do not.
+    done = json.loads((logdir / "done.json").read_text())
+    assert sorted(done) == ["Reacher__ppo__1", "Reacher__pql__1", "Reacher__pql_threaded__1"]
+    del done["Reacher__ppo__1"]
+    (logdir / "done.json").write_text(json.dumps(done))
+    resumed = run_script("learning_curves.py", "--quick", "--tasks", "Reacher", "--max-time", "4", "--logdir", logdir)
+    assert [line.split(" seed")[0] for line in resumed.splitlines() if line.startswith("# ")] == ["# Reacher PPO (rsl_rl)"], resumed
+    assert len(list((logdir / "runs").glob("Reacher__ppo__1__*"))) == 1
+    assert len(json.loads((logdir / "done.json").read_text())) == 3
 
 
 def test_scaling_quick(scaling_logs):
@@ -129,6 +145,35 @@ def test_seed_sweep_quick_records_each_run_once_and_resumes(tmp_path):
     again = run_script("seed_sweep.py", *tiny)
     assert "# defaults" not in again and len(results.read_text().splitlines()) == 1  # resumed: nothing ran twice
     assert table_rows(again, "defaults | `pql.py` |") == [row]
+
+
+def test_run_grid_reports_each_run_as_it_ends_and_raises_a_runs_error():
+    import grid
+
+    ended = []
+    results = grid.run_grid([(n, pow, (n, 2)) for n in range(3)], on_done=lambda key, result: ended.append((key, result)))
+    assert results == {0: 0, 1: 1, 2: 4} and sorted(ended) == [(0, 0), (1, 1), (2, 4)]
+    with pytest.raises(ValueError, match="invalid literal"):  # the run's own exception, raised in the driver
+        grid.run_grid([("bad", lambda: int("not a number"), ())])
+
+
+def test_run_grid_without_ray_names_the_install_command(monkeypatch):
+    import grid
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    with pytest.raises(SystemExit, match="pip install -r benchmarks/requirements.txt"):
+        grid.run_grid([(1, pow, (1, 2))])
+    assert grid.run_grid([]) == {}  # nothing to run (a finished grid resumed): no Ray needed
+
+
+def test_grid_done_persists_the_finished_runs_of_a_folder(tmp_path):
+    import grid
+
+    done = grid.Done(tmp_path)
+    assert "a" not in done
+    done.add("a", "python pql.py --seed 1")
+    again = grid.Done(tmp_path)  # a later invocation: resumes with what finished
+    assert "a" in again and again.runs == {"a": "python pql.py --seed 1"} and not (tmp_path / "done.json.tmp").exists()
 
 
 def test_seed_sweep_table_counts_a_seed_solved_only_if_its_deterministic_policy_is(tmp_path):
