@@ -20,7 +20,6 @@ the gap between what the updates do and what they could do shows.
 """
 import copy
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pql  # noqa: E402
+from bench_envs import machine_name  # noqa: E402
 
 SIZES = {  # name: (hidden dims, batch size), as in the README's quick start and the scripts' defaults
     "quick-start": ((64, 64), 1024),
@@ -52,17 +52,6 @@ class Args:
     """seconds of timed iterations per path and size (after warm-up), split into 5 turns"""
     seed: int = 0
     """seed of the networks and the random transitions"""
-
-
-def machine(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def synchronize(device):
@@ -140,6 +129,11 @@ class Learners:
         pql.copy_weights(self.critic, self.policy_critic)
 
 
+def rate(per_second):
+    """Three significant digits, without an exponent: 1,234 and 92.1 and 1.87."""
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"
+
+
 def main():
     args = tyro.cli(Args)
     unknown = [p for p in args.paths if p not in ("plain", "foreach", "fused", "compile")]
@@ -149,7 +143,7 @@ def main():
         return 2
     device = pql.resolve_device(args.device)
     peak = matmul_flops_per_second(device)
-    print(f"update_speed.py on {machine(device)}, torch {torch.__version__}; matmul throughput {peak / 1e9:.1f} GFLOP/s (float32)\n")
+    print(f"update_speed.py on {machine_name(device)}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; matmul throughput {peak / 1e9:.1f} GFLOP/s (float32)\n")
     print("| size | path | V-updates/s | P-updates/s | iteration (8 V + 4 P) ms | arithmetic limit, iteration ms | x limit |"
           " speed-up over plain |")
     print("|---|---|---|---|---|---|---|---|")
@@ -183,7 +177,7 @@ def main():
         for path in paths:
             iteration_s = elapsed[path] / iterations[path]
             speed_up = f"{elapsed['plain'] / iterations['plain'] / iteration_s:.2f}x" if "plain" in paths else "-"
-            print(f"| {size} | {path} | {V_UPDATES / iteration_s:,.0f} | {P_UPDATES / iteration_s:,.0f} | {1000 * iteration_s:.1f} |"
+            print(f"| {size} | {path} | {rate(V_UPDATES / iteration_s)} | {rate(P_UPDATES / iteration_s)} | {1000 * iteration_s:.1f} |"
                   f" {1000 * limit:.2f} | {iteration_s / limit:.0f} | {speed_up} |")
     return 0
 
