@@ -63,7 +63,7 @@ class Args:
     max_time: float = 3600.0
     """budget of wall-clock seconds for training"""
 
-    # --- algorithm (defaults of the public PQL code) ---
+    # --- algorithm (the public PQL code's defaults, for the settings it has) ---
     batch_size: int = 8192
     """transitions per V-learner and P-learner update"""
     buffer_size: int = 5_000_000
@@ -96,8 +96,8 @@ class Args:
     """std of the noise added to target actions (target policy smoothing)"""
     target_noise_clip: float = 0.2
     """the target action noise is clipped to +- this"""
-    pre_tanh_bound: float = float("inf")
-    """the policy's outputs before its tanh are penalised quadratically beyond +- this, so the tanh cannot saturate (where the critic's gradient no longer moves the policy); inf: no penalty (the public code)"""
+    pre_tanh_bound: float = 3.0
+    """the policy's outputs before its tanh are penalised quadratically beyond +- this, so the tanh cannot saturate (where the critic's gradient no longer moves the policy; docs/pendulum_seeds.md); inf: no penalty, as in the public code"""
     obs_clip: float = 5.0
     """normalized observations are clamped to +- this"""
     reward_scale: Optional[float] = None
@@ -631,8 +631,8 @@ def update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs, arg
     if args.pre_tanh_bound != float("inf"):
         # Past |pre_tanh| ~ 3 the tanh is flat (slope < 0.01; 3e-6 at 7), so the critic's gradient
         # cannot move the policy there any more: a Pendulum policy stuck at full torque below the
-        # horizontal stays stuck although its critic rates the opposite torque higher (README,
-        # "Does every seed solve Pendulum?"). The penalty is zero inside the bound.
+        # horizontal stays stuck although its critic rates the opposite torque higher
+        # (docs/pendulum_seeds.md). The penalty is zero inside the bound.
         actor_loss = actor_loss + ((pre_tanh.abs() - args.pre_tanh_bound).clamp(min=0.0) ** 2).mean()
     actor_optimizer.zero_grad(set_to_none=True)
     actor_loss.backward()
