@@ -1,4 +1,4 @@
-"""The README's figures, drawn from the logged runs of learning_curves.py and scaling.py.
+"""The figures of the README and docs/results.md, drawn from the logged runs of learning_curves.py and scaling.py.
 
     python benchmarks/plots.py            # reads benchmarks/logs/{learning,scaling}, writes docs/*.png
 

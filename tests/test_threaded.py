@@ -327,7 +327,7 @@ def test_every_role_gets_a_cuda_device_with_an_index(monkeypatch):
         args = pql_threaded.Args(**flags)
         return pql_threaded.resolve_role_devices(args, pql_threaded.resolve_device(args.device))
 
-    assert roles(device="auto", actor_device="cuda:0", v_learner_device="cuda:1") == (cuda0, cuda1, cuda0)  # the README's example
+    assert roles(device="auto", actor_device="cuda:0", v_learner_device="cuda:1") == (cuda0, cuda1, cuda0)  # docs/gpu.md's example
     assert roles(device="cuda", v_learner_device="cuda:1") == (cuda0, cuda1, cuda0)
     cuda.current_device = 1
     assert roles(device="cuda") == (cuda1, cuda1, cuda1)
