@@ -72,6 +72,13 @@ def run_grid(jobs, address=None, cpus_per_run=None, gpus_per_run=None, device="c
                  runtime_env={"env_vars": {"PYTHONPATH": python_path}},
                  **({} if address or os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}))
     try:
+        # A run that fits no node would wait forever: refuse it before any work, naming the flag.
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        for flag, need, resource in [("--cpus-per-run", cpus, "CPU"), ("--gpus-per-run", gpus, "GPU")]:
+            most = max((node.get(resource, 0.0) for node in nodes), default=0.0)
+            if need < 0 or need > most:
+                sys.exit(f"error: {flag} {need:g}: each run needs that many {resource}s on one node, and the largest node"
+                         f" of this Ray instance has {most:g} (allowed: 0 to {most:g}; --device cuda asks for 1 GPU)")
         remote = ray.remote(lambda function, arguments: function(*arguments))
         pending = {remote.options(num_cpus=cpus, num_gpus=gpus).remote(function, arguments): key for key, function, arguments in jobs}
         results = {}

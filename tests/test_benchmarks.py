@@ -157,6 +157,15 @@ def test_run_grid_reports_each_run_as_it_ends_and_raises_a_runs_error():
         grid.run_grid([("bad", lambda: int("not a number"), ())])
 
 
+def test_run_grid_refuses_runs_that_fit_no_node_naming_the_flag():
+    import grid
+
+    with pytest.raises(SystemExit, match="--cpus-per-run 1000"):
+        grid.run_grid([(1, pow, (1, 2))], cpus_per_run=1000)
+    with pytest.raises(SystemExit, match="--gpus-per-run 1000"):  # as --device cuda on a machine without a GPU
+        grid.run_grid([(1, pow, (1, 2))], gpus_per_run=1000)
+
+
 def test_run_grid_without_ray_names_the_install_command(monkeypatch):
     import grid
 
