@@ -96,7 +96,7 @@ def run_grid(jobs, address=None, cpus_per_run=None, gpus_per_run=None, device="c
 
 class Done:
     """The runs of a grid that have finished in a log folder: `done.json` there maps each finished
-    run's name to its command. Only the driver writes it (from `on_done`), replacing it atomically,
+    run's name to what the driver keeps of it (its command, or its row of the table). Only the driver writes it (from `on_done`), replacing it atomically,
     so a grid stopped part-way (Ctrl-C, a lost node) resumes with the runs that finished."""
 
     def __init__(self, logdir):

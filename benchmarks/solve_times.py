@@ -10,6 +10,7 @@ score, as env steps and as seconds of training (from charts/SPS = env steps / se
     python benchmarks/solve_times.py                      # the table of docs/results.md, on this machine
     python benchmarks/solve_times.py --quick              # a smoke run of a few minutes
     python benchmarks/solve_times.py --device cuda --tasks Pendulum --variants pql.py pql_threaded.py
+    python benchmarks/solve_times.py --resume-dir benchmarks/logs/solve_times   # keeps finished runs; run again to resume
 """
 import argparse
 import datetime
@@ -82,23 +83,35 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="one episode's budget, one seed: checks the pipeline only")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to every run")
+    parser.add_argument("--resume-dir", default=None, help="keep each finished run's row in DIR/done.json and skip it when run"
+                        " again (a grid stopped part-way resumes); default: keep nothing")
     grid.add_arguments(parser)
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
+    if args.resume_dir is not None:
+        os.makedirs(args.resume_dir, exist_ok=True)
+    done = grid.Done(args.resume_dir) if args.resume_dir is not None else {}
 
-    jobs = []
+    keys, jobs = [], []
     for task in args.tasks:
         spec = TASKS[task]
         budget = spec["quick"] if args.quick else spec["budget"]  # quick: just past one episode
-        jobs += [((task, index, seed), run, (variant, index, task, seed, args.device, budget, spec["flags"], args.extra))
-                 for index, variant in enumerate(args.variants) for seed in seeds]
+        for index, variant in enumerate(args.variants):
+            for seed in seeds:
+                key = " | ".join([task, variant, str(seed), str(budget), args.device, " ".join(args.extra)])
+                keys.append(key)
+                if key not in done:
+                    jobs.append((key, run, (variant, index, task, seed, args.device, budget, spec["flags"], args.extra)))
 
     def report(key, row):  # in this process, as each run ends
+        if args.resume_dir is not None:
+            done.add(key, row)
         task, variant, seed, _, steps, seconds, final = row[:7]
         print(f"# {task} {variant} seed {seed}: solved at {steps} steps, {seconds} s; final return {final:.1f}", flush=True)
 
     results = grid.run_grid(jobs, args.address, args.cpus_per_run, args.gpus_per_run, args.device, on_done=report)
-    rows = [results[key] for key, _, _ in jobs]  # in the grid's order, whatever order they ended in
+    earlier = done.runs if args.resume_dir is not None else {}
+    rows = [results[key] if key in results else earlier[key] for key in keys]  # in the grid's order
 
     cpu = platform.processor() or platform.machine()
     try:

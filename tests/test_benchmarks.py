@@ -104,9 +104,11 @@ def test_plots(learning_logs, scaling_logs, tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", out
 
 
-def test_solve_times_quick():
-    out = run_script("solve_times.py", "--quick", "--tasks", "Reacher", "--variants", "pql.py")
+def test_solve_times_quick_and_resumed(tmp_path):
+    out = run_script("solve_times.py", "--quick", "--tasks", "Reacher", "--variants", "pql.py", "--resume-dir", tmp_path)
     assert len(table_rows(out, "Reacher | `pql.py` | 1 |")) == 1, out
+    again = run_script("solve_times.py", "--quick", "--tasks", "Reacher", "--variants", "pql.py", "--resume-dir", tmp_path)
+    assert "# Reacher" not in again and table_rows(again, "Reacher") == table_rows(out, "Reacher")  # nothing ran twice
 
 
 def test_plot_band_is_the_mean_min_and_max_over_the_range_all_seeds_cover():
