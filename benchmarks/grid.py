@@ -63,9 +63,9 @@ def run_grid(jobs, address=None, cpus_per_run=None, gpus_per_run=None, device="c
     gpus = gpus_per_run if gpus_per_run is not None else (1.0 if str(device).startswith("cuda") else 0.0)
     started_here = not ray.is_initialized()
     if started_here:
-        # On one machine: a private instance with this machine's cores; the runs' own output
-        # comes back through their results, so the workers' logs stay out of the terminal.
-        # The workers import the benchmark scripts' modules (this folder) by name.
+        # Without --address (or RAY_ADDRESS): a private instance with this machine's cores. The
+        # runs' output comes back through their results, so the workers' logs stay out of the
+        # terminal; the workers import the benchmark scripts' modules (this folder) by name.
         here = os.path.dirname(os.path.abspath(__file__))
         python_path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,

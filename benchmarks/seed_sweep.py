@@ -3,8 +3,8 @@
 Trains each variant (a script and its flags) at the README's CPU quick-start settings (Pendulum,
 64 envs, networks 64-64, batch 1024, 100,000 env steps) for every seed, each run a Ray task that
 reserves the machine's cores (benchmarks/grid.py: one run at a time here, many at once on a
-cluster with --address), and prints one row per variant: seeds solved, env steps to solve (median, quartiles, range), and the
-final return of the deterministic policy.
+cluster with --address), and prints one row per variant: seeds solved, env steps to solve
+(median, quartiles, range), and the final return of the deterministic policy.
 
 A seed counts as solved when the deterministic policy of its final checkpoint scores at least -200
 over 20 episodes; its env steps to solve are where the policy itself first scored -200 during
