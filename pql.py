@@ -28,6 +28,8 @@ if any("isaacgym:" in arg for arg in sys.argv):
 
 import copy
 import dataclasses
+import functools
+import math
 import os
 import random
 import signal
@@ -112,6 +114,12 @@ class Args:
     """PQL-D: smallest value of the support (scale rewards with --reward-scale so returns fit)"""
     v_max: float = 10.0
     """PQL-D: largest value of the support"""
+
+    # --- speed: the same updates, fewer launches ---
+    cuda_graphs: bool = False
+    """record one V-update and one P-update (sampling included) as CUDA graphs and replay them: one launch per update instead of hundreds; CUDA only"""
+    compile: bool = False
+    """torch.compile the V- and P-update (sampling included); the first iterations wait for the compiler, about a minute"""
 
     # --- logging, checkpoints, evaluation ---
     log_interval: int = 10
@@ -383,6 +391,9 @@ class ReplayBuffer:
         self.valid = torch.zeros(num_envs, capacity, device=device)  # 0: not a real transition (Isaac Gym's lazy reset)
         self.pos = 0  # the column the next env step is written to
         self.size = 0  # number of columns written so far (at most capacity)
+        # The same two numbers on the device, as sampling reads them: [pos, rows that may be
+        # sampled]. A captured update (--cuda-graphs) cannot take new Python numbers at each replay.
+        self.window = self.new_window()
 
     @staticmethod
     def bytes_needed(num_envs, capacity, obs_dim, act_dim):
@@ -398,22 +409,33 @@ class ReplayBuffer:
         self.valid[:, self.pos] = valid.float()
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
+        self.fill_window(self.window)
 
-    def sample(self, batch_size, nstep, gamma):
-        return self.gather(*self.sample_rows(batch_size), nstep, gamma)
+    def new_window(self):
+        return torch.zeros(2, dtype=torch.long, device=self.device)
 
-    def sample_obs(self, batch_size):
+    def fill_window(self, window):
+        """Write [pos, rows that may be sampled] into `window`, a pair of device scalars."""
+        window[0].fill_(self.pos)
+        window[1].fill_(min(self.size, self.capacity - self.overwrite_guard))
+
+    def sample(self, batch_size, nstep, gamma, window):
+        return self.gather(*self.sample_rows(batch_size, window), nstep, gamma)
+
+    def sample_obs(self, batch_size, window):
         """Observations only: the P-learner needs no n-step windows."""
-        env_index, start, _ = self.sample_rows(batch_size)
-        return self.obs[env_index, start]
+        env_index, start, _ = self.sample_rows(batch_size, window)
+        return self.obs.flatten(0, 1)[env_index * self.capacity + start]
 
-    def sample_rows(self, batch_size):
-        """Uniformly random (env, row) pairs among the rows that may be sampled, and each row's age
-        (0: the newest row)."""
+    def sample_rows(self, batch_size, window):
+        """Uniformly random (env, row) pairs among the rows that `window` allows, and each row's age
+        (0: the newest row). Everything stays on the device: randint needs its bound as a Python
+        number, so the age is a large random integer modulo the device-held number of rows (its
+        bias, under rows / 2^62, is nil)."""
+        pos, sampleable_rows = window[0], window[1]
         env_index = torch.randint(0, self.num_envs, (batch_size,), device=self.device)
-        sampleable_rows = min(self.size, self.capacity - self.overwrite_guard)
-        age = torch.randint(0, sampleable_rows, (batch_size,), device=self.device)
-        return env_index, (self.pos - 1 - age) % self.capacity, age
+        age = torch.randint(0, 2**62, (batch_size,), device=self.device) % sampleable_rows
+        return env_index, (pos - 1 - age) % self.capacity, age
 
     def gather(self, env_index, start, age, nstep, gamma):
         """The n-step transitions starting at row `start` of each env, `age` rows before its newest.
@@ -424,24 +446,27 @@ class ReplayBuffer:
         where the rows after it are not written yet.
         """
         offsets = torch.arange(nstep, device=self.device)
-        rows = (start[:, None] + offsets) % self.capacity  # (batch, nstep)
-        env_rows = env_index[:, None]
+        # Row r of env e is row e * capacity + r of each tensor with its first two dimensions
+        # flattened (views, no copy): indexing one dimension is several times faster than indexing
+        # two, on the CPU at least.
+        rows = env_index[:, None] * self.capacity + (start[:, None] + offsets) % self.capacity  # (batch, nstep)
+        first_row = rows[:, 0]
         written = offsets[None, :] <= age[:, None]  # rows newer than the newest do not exist yet
-        ended = self.episode_ended[env_rows, rows]
+        ended = self.episode_ended.flatten()[rows]
         ended_earlier = (torch.cumsum(ended, dim=1) - ended) > 0  # an earlier row of the window ended the episode
         in_window = (written & ~ended_earlier).float()
-        n_step_reward = (self.rewards[env_rows, rows] * gamma ** offsets * in_window).sum(1)
+        n_step_reward = (self.rewards.flatten()[rows] * gamma ** offsets * in_window).sum(1)
         window_length = in_window.sum(1).long()  # k >= 1: the first row is always in the window
         last_row = rows.gather(1, (window_length - 1)[:, None]).squeeze(1)
-        bootstrap_obs = self.next_obs[env_index, last_row]
-        discount = gamma ** window_length.float() * (1.0 - self.terminated[env_index, last_row])
+        bootstrap_obs = self.next_obs.flatten(0, 1)[last_row]
+        discount = gamma ** window_length.float() * (1.0 - self.terminated.flatten()[last_row])
         return (
-            self.obs[env_index, start],
-            self.actions[env_index, start],
+            self.obs.flatten(0, 1)[first_row],
+            self.actions.flatten(0, 1)[first_row],
             n_step_reward,
             bootstrap_obs,
             discount,
-            self.valid[env_index, start],
+            self.valid.flatten()[first_row],
         )
 
 
@@ -466,6 +491,34 @@ class Actor(nn.Module):
         return torch.tanh(self.net(obs))  # actions in [-1, 1], the envs' convention
 
 
+class TwinMLP(nn.Module):
+    """Two independent MLPs of the same shape as `mlp` builds them (ELU between layers), run as
+    one: each layer holds both networks' weights stacked, (2, in, out), and one batched matrix
+    product applies them. The twin critic then costs the kernel launches of one network, and its
+    optimizer, gradient clipping and target update handle half as many tensors: the updates are
+    bound by launches, not arithmetic, at the sizes PQL uses (benchmarks/update_speed.py).
+    Each network is initialised as nn.Linear initialises its layers."""
+
+    def __init__(self, in_dim, hidden_dims, out_dim):
+        super().__init__()
+        dims = [in_dim, *hidden_dims, out_dim]
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(2, d_in, d_out)) for d_in, d_out in zip(dims[:-1], dims[1:])])
+        self.biases = nn.ParameterList([nn.Parameter(torch.empty(2, 1, d_out)) for d_out in dims[1:]])
+        for weight, bias in zip(self.weights, self.biases):
+            bound = 1.0 / math.sqrt(weight.shape[1])  # nn.Linear's: uniform in +- 1/sqrt(fan_in)
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+
+    def forward(self, x):
+        """x: (batch, in_dim), the input of both networks. Returns (2, batch, out_dim)."""
+        x = x.expand(2, *x.shape)
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(bias, x, weight)
+            if layer < len(self.weights) - 1:
+                x = nn.functional.elu(x, inplace=True)  # in place: nothing needs the product itself again
+        return x
+
+
 class Critic(nn.Module):
     """Two independent Q networks on concat(obs, action) (clipped double Q, Fujimoto et al. 2018).
 
@@ -478,15 +531,14 @@ class Critic(nn.Module):
         super().__init__()
         self.distributional = distributional
         outputs = num_atoms if distributional else 1
-        self.q1 = mlp(obs_dim + act_dim, hidden_dims, outputs)
-        self.q2 = mlp(obs_dim + act_dim, hidden_dims, outputs)
+        self.q_heads = TwinMLP(obs_dim + act_dim, hidden_dims, outputs)  # heads 0 and 1: Q1 and Q2
         # A buffer moves with .to(device) and is saved with the weights; the public code kept the
         # atoms in a plain tensor attribute, which stayed behind and crashed PQL-D on one GPU.
         self.register_buffer("atoms", torch.linspace(v_min, v_max, outputs))
 
     def logits(self, obs, actions):
-        x = torch.cat([obs, actions], dim=1)
-        return self.q1(x), self.q2(x)
+        both = self.q_heads(torch.cat([obs, actions], dim=1))
+        return both[0], both[1]
 
     def forward(self, obs, actions):
         """The two Q values (batch,) each."""
@@ -614,9 +666,8 @@ def update_critic(critic, critic_target, critic_optimizer, target_policy, obs_no
     critic_loss.backward()
     nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
     critic_optimizer.step()
-    with torch.no_grad():  # Polyak averaging after every V-update
-        for param, target_param in zip(critic.parameters(), critic_target.parameters()):
-            target_param.lerp_(param, args.tau)
+    with torch.no_grad():  # Polyak averaging after every V-update, one multi-tensor op for all weights
+        torch._foreach_lerp_(list(critic_target.parameters()), list(critic.parameters()), args.tau)
     return critic_loss.detach(), q1.detach().mean(), outside_support
 
 
@@ -639,6 +690,71 @@ def update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs, arg
     nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
     actor_optimizer.step()
     return actor_loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fewer launches: optimizers, the learners' steps as units, CUDA graphs
+# ---------------------------------------------------------------------------------------------
+def make_optimizer(parameters, lr, capturable):
+    """AdamW in one fused kernel per step where this torch has one for the device (CUDA from torch
+    2.0, CPU from 2.4), else in one multi-tensor (foreach) op per step, never a loop over the
+    weights. `capturable` keeps AdamW's step counts on the device, as a CUDA graph needs."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.AdamW(parameters, lr=lr, fused=True, capturable=capturable)
+    except RuntimeError:  # no fused AdamW for this device in this torch
+        return torch.optim.AdamW(parameters, lr=lr, foreach=True, capturable=capturable)
+
+
+def v_learner_step(replay_buffer, window, critic, critic_target, critic_optimizer, target_policy, obs_normalizer, stats, args):
+    """One V-update with its sampling, its statistics summed into `stats` on the device: the unit
+    that --compile compiles and --cuda-graphs records."""
+    batch = replay_buffer.sample(args.batch_size, args.nstep, args.gamma, window)
+    critic_loss, q_mean, outside_support = update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, args)
+    stats["critic_loss"] += critic_loss
+    stats["q_mean"] += q_mean
+    stats["outside_support"] += outside_support
+    stats["critic_nonfinite"] += ~torch.isfinite(critic_loss)
+
+
+def p_learner_step(replay_buffer, window, actor, actor_optimizer, policy_critic, obs_normalizer, stats, args):
+    """One P-update with its sampling and statistics, as v_learner_step."""
+    device = stats["actor_loss"].device  # the P-learner's, which may not be the replay buffer's
+    # Toward a GPU the copy may run behind; toward the CPU the values are needed at once.
+    obs_batch = replay_buffer.sample_obs(args.batch_size, window).to(device, non_blocking=device.type == "cuda")
+    actor_loss = update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs_batch, args)
+    stats["actor_loss"] += actor_loss
+    stats["actor_nonfinite"] += ~torch.isfinite(actor_loss)
+
+
+def capture_cuda_graph(step, state, optimizer, device):
+    """Record step() as a CUDA graph and return the function that replays it: a whole update in one
+    launch (PyTorch's "whole-network capture"). A replay runs the same kernels on the same memory,
+    so everything a step touches stays where it is (weights, optimizer state, statistics, the
+    replay buffer and its sampling window) and only the values there change.
+
+    Capture needs a few eager calls first, on a side stream: they create cuBLAS handles, the
+    optimizer's state and autograd's buffers. They also train, so `state` (the tensors the step
+    changes) and the optimizer are put back afterwards, in place: the run starts where it was.
+    """
+    with torch.cuda.device(device):
+        saved = [tensor.clone() for tensor in state]
+        side_stream = torch.cuda.Stream()
+        side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side_stream):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side_stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        with torch.no_grad():
+            for tensor, value in zip(state, saved):
+                tensor.copy_(value)
+            for param_state in optimizer.state.values():  # as before the first step: no moments, step 0
+                for value in param_state.values():
+                    value.zero_()
+    return graph.replay
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,8 +806,8 @@ def train(args, env, eval_env, device):
     actor = Actor(env.obs_dim, env.act_dim, args.hidden_dims).to(device)
     critic = make_critic(env.obs_dim, env.act_dim, args).to(device)
     critic_target = copy.deepcopy(critic).requires_grad_(False)
-    actor_optimizer = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr)
-    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr)
+    actor_optimizer = make_optimizer(actor.parameters(), args.actor_lr, capturable=args.cuda_graphs)
+    critic_optimizer = make_optimizer(critic.parameters(), args.critic_lr, capturable=args.cuda_graphs)
     # Each role acts on its own copy of the networks it does not train (paper, Sec. 3.1).
     acting_policy = copy.deepcopy(actor).requires_grad_(False)  # the actor role's policy
     target_policy = copy.deepcopy(actor).requires_grad_(False)  # the V-learner's, for target actions
@@ -700,11 +816,23 @@ def train(args, env, eval_env, device):
 
     # Statistics summed on the device and read only at logging intervals (no per-step sync).
     stats = {name: torch.zeros((), device=device) for name in
-             ["return_sum", "length_sum", "episodes", "critic_loss", "q_mean", "outside_support", "v_updates", "actor_loss", "p_updates",
-              "eval_return_sum", "eval_episodes"]}
+             ["return_sum", "length_sum", "episodes", "critic_loss", "q_mean", "outside_support", "critic_nonfinite", "v_updates",
+              "actor_loss", "actor_nonfinite", "p_updates", "eval_return_sum", "eval_episodes"]}
     # Iteration of the first non-finite observation or loss (inf: none yet), kept on the device.
     first_nonfinite_iteration = torch.full((), float("inf"), device=device)
     iteration_on_device = torch.zeros((), device=device)
+
+    # The learners' steps as functions of nothing; compiled, or recorded as CUDA graphs, if asked.
+    v_step, p_step = (torch.compile(v_learner_step), torch.compile(p_learner_step)) if args.compile else (v_learner_step, p_learner_step)
+    v_step = functools.partial(v_step, replay_buffer, replay_buffer.window, critic, critic_target, critic_optimizer, target_policy, obs_normalizer, stats, args)
+    p_step = functools.partial(p_step, replay_buffer, replay_buffer.window, actor, actor_optimizer, policy_critic, obs_normalizer, stats, args)
+    if args.cuda_graphs:
+        # Recorded before any data is in: the eager calls sample row 0 of each env (zeros, not
+        # valid), then everything they changed is put back.
+        replay_buffer.window.fill_(1)
+        v_step = capture_cuda_graph(v_step, [*critic.parameters(), *critic_target.parameters(), *stats.values()], critic_optimizer, device)
+        p_step = capture_cuda_graph(p_step, [*actor.parameters(), *stats.values()], actor_optimizer, device)
+        replay_buffer.window.zero_()
 
     global_step, v_updates, p_updates, mean_return = 0, 0, 0, float("nan")
     start_time = last_save_time = time.time()
@@ -738,21 +866,14 @@ def train(args, env, eval_env, device):
             # update per v_updates_per_p_update of them ----
             if iteration >= args.warmup_iterations:
                 for _ in range(args.v_updates_per_env_step):
-                    batch = replay_buffer.sample(args.batch_size, args.nstep, args.gamma)
-                    critic_loss, q_mean, outside_support = update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, args)
+                    v_step()
                     v_updates += 1
-                    stats["critic_loss"] += critic_loss
-                    stats["q_mean"] += q_mean
-                    stats["outside_support"] += outside_support
                     stats["v_updates"] += 1
-                    finite &= torch.isfinite(critic_loss)
                     if v_updates % args.v_updates_per_p_update == 0:
-                        obs_batch = replay_buffer.sample_obs(args.batch_size)
-                        actor_loss = update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs_batch, args)
+                        p_step()
                         p_updates += 1
-                        stats["actor_loss"] += actor_loss
                         stats["p_updates"] += 1
-                        finite &= torch.isfinite(actor_loss)
+                finite &= (stats["critic_nonfinite"] + stats["actor_nonfinite"]) == 0
                 # ---- hand-off: every role gets the others' latest networks ----
                 copy_weights(actor, acting_policy)
                 copy_weights(actor, target_policy)
@@ -805,6 +926,8 @@ def main():
     try:
         validate_args(args)
         device = resolve_device(args.device)
+        if args.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"--cuda-graphs records CUDA graphs: it needs --device cuda (the device is {device})")
         if args.eval_checkpoint is not None:
             if not os.path.isfile(args.eval_checkpoint):
                 raise ValueError(f"--eval-checkpoint {args.eval_checkpoint}: no such file")

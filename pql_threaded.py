@@ -29,6 +29,7 @@ if any("isaacgym:" in arg for arg in sys.argv):
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -116,6 +117,12 @@ class Args:
     """PQL-D: smallest value of the support (scale rewards with --reward-scale so returns fit)"""
     v_max: float = 10.0
     """PQL-D: largest value of the support"""
+
+    # --- speed: the same updates, fewer launches ---
+    cuda_graphs: bool = False
+    """record one V-update and one P-update (sampling included) as CUDA graphs and replay them: one launch per update instead of hundreds; CUDA only"""
+    compile: bool = False
+    """torch.compile the V- and P-update (sampling included); the first iterations wait for the compiler, about a minute"""
 
     # --- logging, checkpoints, evaluation ---
     log_interval: int = 10
@@ -397,6 +404,9 @@ class ReplayBuffer:
         self.valid = torch.zeros(num_envs, capacity, device=device)  # 0: not a real transition (Isaac Gym's lazy reset)
         self.pos = 0  # the column the next env step is written to
         self.size = 0  # number of columns written so far (at most capacity)
+        # The same two numbers on the device, as sampling reads them: [pos, rows that may be
+        # sampled]. A captured update (--cuda-graphs) cannot take new Python numbers at each replay.
+        self.window = self.new_window()
 
     @staticmethod
     def bytes_needed(num_envs, capacity, obs_dim, act_dim):
@@ -412,22 +422,33 @@ class ReplayBuffer:
         self.valid[:, self.pos] = valid.float()
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
+        self.fill_window(self.window)
 
-    def sample(self, batch_size, nstep, gamma):
-        return self.gather(*self.sample_rows(batch_size), nstep, gamma)
+    def new_window(self):
+        return torch.zeros(2, dtype=torch.long, device=self.device)
 
-    def sample_obs(self, batch_size):
+    def fill_window(self, window):
+        """Write [pos, rows that may be sampled] into `window`, a pair of device scalars."""
+        window[0].fill_(self.pos)
+        window[1].fill_(min(self.size, self.capacity - self.overwrite_guard))
+
+    def sample(self, batch_size, nstep, gamma, window):
+        return self.gather(*self.sample_rows(batch_size, window), nstep, gamma)
+
+    def sample_obs(self, batch_size, window):
         """Observations only: the P-learner needs no n-step windows."""
-        env_index, start, _ = self.sample_rows(batch_size)
-        return self.obs[env_index, start]
+        env_index, start, _ = self.sample_rows(batch_size, window)
+        return self.obs.flatten(0, 1)[env_index * self.capacity + start]
 
-    def sample_rows(self, batch_size):
-        """Uniformly random (env, row) pairs among the rows that may be sampled, and each row's age
-        (0: the newest row)."""
+    def sample_rows(self, batch_size, window):
+        """Uniformly random (env, row) pairs among the rows that `window` allows, and each row's age
+        (0: the newest row). Everything stays on the device: randint needs its bound as a Python
+        number, so the age is a large random integer modulo the device-held number of rows (its
+        bias, under rows / 2^62, is nil)."""
+        pos, sampleable_rows = window[0], window[1]
         env_index = torch.randint(0, self.num_envs, (batch_size,), device=self.device)
-        sampleable_rows = min(self.size, self.capacity - self.overwrite_guard)
-        age = torch.randint(0, sampleable_rows, (batch_size,), device=self.device)
-        return env_index, (self.pos - 1 - age) % self.capacity, age
+        age = torch.randint(0, 2**62, (batch_size,), device=self.device) % sampleable_rows
+        return env_index, (pos - 1 - age) % self.capacity, age
 
     def gather(self, env_index, start, age, nstep, gamma):
         """The n-step transitions starting at row `start` of each env, `age` rows before its newest.
@@ -438,24 +459,27 @@ class ReplayBuffer:
         where the rows after it are not written yet.
         """
         offsets = torch.arange(nstep, device=self.device)
-        rows = (start[:, None] + offsets) % self.capacity  # (batch, nstep)
-        env_rows = env_index[:, None]
+        # Row r of env e is row e * capacity + r of each tensor with its first two dimensions
+        # flattened (views, no copy): indexing one dimension is several times faster than indexing
+        # two, on the CPU at least.
+        rows = env_index[:, None] * self.capacity + (start[:, None] + offsets) % self.capacity  # (batch, nstep)
+        first_row = rows[:, 0]
         written = offsets[None, :] <= age[:, None]  # rows newer than the newest do not exist yet
-        ended = self.episode_ended[env_rows, rows]
+        ended = self.episode_ended.flatten()[rows]
         ended_earlier = (torch.cumsum(ended, dim=1) - ended) > 0  # an earlier row of the window ended the episode
         in_window = (written & ~ended_earlier).float()
-        n_step_reward = (self.rewards[env_rows, rows] * gamma ** offsets * in_window).sum(1)
+        n_step_reward = (self.rewards.flatten()[rows] * gamma ** offsets * in_window).sum(1)
         window_length = in_window.sum(1).long()  # k >= 1: the first row is always in the window
         last_row = rows.gather(1, (window_length - 1)[:, None]).squeeze(1)
-        bootstrap_obs = self.next_obs[env_index, last_row]
-        discount = gamma ** window_length.float() * (1.0 - self.terminated[env_index, last_row])
+        bootstrap_obs = self.next_obs.flatten(0, 1)[last_row]
+        discount = gamma ** window_length.float() * (1.0 - self.terminated.flatten()[last_row])
         return (
-            self.obs[env_index, start],
-            self.actions[env_index, start],
+            self.obs.flatten(0, 1)[first_row],
+            self.actions.flatten(0, 1)[first_row],
             n_step_reward,
             bootstrap_obs,
             discount,
-            self.valid[env_index, start],
+            self.valid.flatten()[first_row],
         )
 
 
@@ -480,6 +504,34 @@ class Actor(nn.Module):
         return torch.tanh(self.net(obs))  # actions in [-1, 1], the envs' convention
 
 
+class TwinMLP(nn.Module):
+    """Two independent MLPs of the same shape as `mlp` builds them (ELU between layers), run as
+    one: each layer holds both networks' weights stacked, (2, in, out), and one batched matrix
+    product applies them. The twin critic then costs the kernel launches of one network, and its
+    optimizer, gradient clipping and target update handle half as many tensors: the updates are
+    bound by launches, not arithmetic, at the sizes PQL uses (benchmarks/update_speed.py).
+    Each network is initialised as nn.Linear initialises its layers."""
+
+    def __init__(self, in_dim, hidden_dims, out_dim):
+        super().__init__()
+        dims = [in_dim, *hidden_dims, out_dim]
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(2, d_in, d_out)) for d_in, d_out in zip(dims[:-1], dims[1:])])
+        self.biases = nn.ParameterList([nn.Parameter(torch.empty(2, 1, d_out)) for d_out in dims[1:]])
+        for weight, bias in zip(self.weights, self.biases):
+            bound = 1.0 / math.sqrt(weight.shape[1])  # nn.Linear's: uniform in +- 1/sqrt(fan_in)
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+
+    def forward(self, x):
+        """x: (batch, in_dim), the input of both networks. Returns (2, batch, out_dim)."""
+        x = x.expand(2, *x.shape)
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(bias, x, weight)
+            if layer < len(self.weights) - 1:
+                x = nn.functional.elu(x, inplace=True)  # in place: nothing needs the product itself again
+        return x
+
+
 class Critic(nn.Module):
     """Two independent Q networks on concat(obs, action) (clipped double Q, Fujimoto et al. 2018).
 
@@ -492,15 +544,14 @@ class Critic(nn.Module):
         super().__init__()
         self.distributional = distributional
         outputs = num_atoms if distributional else 1
-        self.q1 = mlp(obs_dim + act_dim, hidden_dims, outputs)
-        self.q2 = mlp(obs_dim + act_dim, hidden_dims, outputs)
+        self.q_heads = TwinMLP(obs_dim + act_dim, hidden_dims, outputs)  # heads 0 and 1: Q1 and Q2
         # A buffer moves with .to(device) and is saved with the weights; the public code kept the
         # atoms in a plain tensor attribute, which stayed behind and crashed PQL-D on one GPU.
         self.register_buffer("atoms", torch.linspace(v_min, v_max, outputs))
 
     def logits(self, obs, actions):
-        x = torch.cat([obs, actions], dim=1)
-        return self.q1(x), self.q2(x)
+        both = self.q_heads(torch.cat([obs, actions], dim=1))
+        return both[0], both[1]
 
     def forward(self, obs, actions):
         """The two Q values (batch,) each."""
@@ -628,9 +679,8 @@ def update_critic(critic, critic_target, critic_optimizer, target_policy, obs_no
     critic_loss.backward()
     nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
     critic_optimizer.step()
-    with torch.no_grad():  # Polyak averaging after every V-update
-        for param, target_param in zip(critic.parameters(), critic_target.parameters()):
-            target_param.lerp_(param, args.tau)
+    with torch.no_grad():  # Polyak averaging after every V-update, one multi-tensor op for all weights
+        torch._foreach_lerp_(list(critic_target.parameters()), list(critic.parameters()), args.tau)
     return critic_loss.detach(), q1.detach().mean(), outside_support
 
 
@@ -653,6 +703,71 @@ def update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs, arg
     nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
     actor_optimizer.step()
     return actor_loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fewer launches: optimizers, the learners' steps as units, CUDA graphs
+# ---------------------------------------------------------------------------------------------
+def make_optimizer(parameters, lr, capturable):
+    """AdamW in one fused kernel per step where this torch has one for the device (CUDA from torch
+    2.0, CPU from 2.4), else in one multi-tensor (foreach) op per step, never a loop over the
+    weights. `capturable` keeps AdamW's step counts on the device, as a CUDA graph needs."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.AdamW(parameters, lr=lr, fused=True, capturable=capturable)
+    except RuntimeError:  # no fused AdamW for this device in this torch
+        return torch.optim.AdamW(parameters, lr=lr, foreach=True, capturable=capturable)
+
+
+def v_learner_step(replay_buffer, window, critic, critic_target, critic_optimizer, target_policy, obs_normalizer, stats, args):
+    """One V-update with its sampling, its statistics summed into `stats` on the device: the unit
+    that --compile compiles and --cuda-graphs records."""
+    batch = replay_buffer.sample(args.batch_size, args.nstep, args.gamma, window)
+    critic_loss, q_mean, outside_support = update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, args)
+    stats["critic_loss"] += critic_loss
+    stats["q_mean"] += q_mean
+    stats["outside_support"] += outside_support
+    stats["critic_nonfinite"] += ~torch.isfinite(critic_loss)
+
+
+def p_learner_step(replay_buffer, window, actor, actor_optimizer, policy_critic, obs_normalizer, stats, args):
+    """One P-update with its sampling and statistics, as v_learner_step."""
+    device = stats["actor_loss"].device  # the P-learner's, which may not be the replay buffer's
+    # Toward a GPU the copy may run behind; toward the CPU the values are needed at once.
+    obs_batch = replay_buffer.sample_obs(args.batch_size, window).to(device, non_blocking=device.type == "cuda")
+    actor_loss = update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs_batch, args)
+    stats["actor_loss"] += actor_loss
+    stats["actor_nonfinite"] += ~torch.isfinite(actor_loss)
+
+
+def capture_cuda_graph(step, state, optimizer, device):
+    """Record step() as a CUDA graph and return the function that replays it: a whole update in one
+    launch (PyTorch's "whole-network capture"). A replay runs the same kernels on the same memory,
+    so everything a step touches stays where it is (weights, optimizer state, statistics, the
+    replay buffer and its sampling window) and only the values there change.
+
+    Capture needs a few eager calls first, on a side stream: they create cuBLAS handles, the
+    optimizer's state and autograd's buffers. They also train, so `state` (the tensors the step
+    changes) and the optimizer are put back afterwards, in place: the run starts where it was.
+    """
+    with torch.cuda.device(device):
+        saved = [tensor.clone() for tensor in state]
+        side_stream = torch.cuda.Stream()
+        side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side_stream):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side_stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        with torch.no_grad():
+            for tensor, value in zip(state, saved):
+                tensor.copy_(value)
+            for param_state in optimizer.state.values():  # as before the first step: no moments, step 0
+                for value in param_state.values():
+                    value.zero_()
+    return graph.replay
 
 
 # ---------------------------------------------------------------------------------------------
@@ -865,11 +980,13 @@ class SharedReplay:
 
     The actor writes a column on its stream, records `written` after it, and only then, under
     the lock, the new column becomes visible (ReplayBuffer.pos/size move in the same critical
-    section). A learner, under the same lock, makes its stream wait for `written` and chooses its
-    rows from pos/size; it gathers them after releasing the lock (most of a sample's torch calls,
-    which need no lock: they never read pos/size). So a learner's sample can only see columns
-    whose writes come before it on the GPU; and the columns the actor may overwrite concurrently
-    are excluded by the buffer's overwrite guard. Together: no sample ever reads a half-written row.
+    section). A learner, under the same lock, makes its stream wait for `written` and copies
+    pos/size into its own sampling window, a pair of device scalars written on its own stream;
+    it draws and gathers its rows after releasing the lock, from that window (the buffer's own
+    window moves on the actor's stream, unordered with the learner's). So a learner's sample can
+    only see columns whose writes come before it on the GPU; and the columns the actor may
+    overwrite concurrently are excluded by the buffer's overwrite guard. Together: no sample ever
+    reads a half-written row.
     """
 
     def __init__(self, replay_buffer, coordinator):
@@ -882,18 +999,11 @@ class SharedReplay:
             if self.written is not None:
                 self.written.record(torch.cuda.current_stream(self.buffer.device))
 
-    def sample_rows(self, batch_size):
+    def fill_window(self, window):
         with self.coordinator.condition:
             if self.written is not None:
                 torch.cuda.current_stream(self.buffer.device).wait_event(self.written)
-            return self.buffer.sample_rows(batch_size)
-
-    def sample(self, args):
-        return self.buffer.gather(*self.sample_rows(args.batch_size), args.nstep, args.gamma)
-
-    def sample_obs(self, batch_size):
-        env_index, start, _ = self.sample_rows(batch_size)
-        return self.buffer.obs[env_index, start]
+            self.buffer.fill_window(window)
 
 
 def run_role(coordinator, role, *role_args):
@@ -904,37 +1014,30 @@ def run_role(coordinator, role, *role_args):
         coordinator.stop(error)
 
 
-def v_learner(coordinator, shared_replay, critic, critic_target, critic_optimizer, target_policy, obs_normalizer,
-              policy_mailbox, critic_mailbox, normalizer_mailbox, stats, device, args):
+def v_learner(coordinator, shared_replay, window, v_step, target_policy, obs_normalizer,
+              policy_mailbox, critic_mailbox, normalizer_mailbox, critic, critic_target, device, args):
     with role_streams(device):
         in_flight, policy_version, normalizer_version = InFlightLimit(device), -1, -1
         while coordinator.wait_until(coordinator.v_learner_may_update):
             policy_version = policy_mailbox.fetch("actor", target_policy, policy_version)
             normalizer_version = normalizer_mailbox.fetch("obs_normalizer", obs_normalizer, normalizer_version)
-            batch = shared_replay.sample(args)
-            critic_loss, q_mean, outside_support = update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, args)
-            stats["critic_loss"] += critic_loss
-            stats["q_mean"] += q_mean
-            stats["outside_support"] += outside_support
-            stats["critic_nonfinite"] += (~torch.isfinite(critic_loss)).double()
+            shared_replay.fill_window(window)
+            v_step()  # sample, update, statistics (v_learner_step), or its CUDA graph
             in_flight.mark()
             coordinator.count("v_updates")
             if coordinator.v_updates % args.sync_interval == 0:
                 critic_mailbox.publish({"critic": critic, "critic_target": critic_target})
 
 
-def p_learner(coordinator, shared_replay, actor, actor_optimizer, policy_critic, obs_normalizer,
-              policy_mailbox, critic_mailbox, normalizer_mailbox, stats, device, args):
+def p_learner(coordinator, shared_replay, window, p_step, policy_critic, obs_normalizer,
+              policy_mailbox, critic_mailbox, normalizer_mailbox, actor, device, args):
     with role_streams(device, shared_replay.buffer.device):
         in_flight, critic_version, normalizer_version = InFlightLimit(device), -1, -1
         while coordinator.wait_until(coordinator.p_learner_may_update):
             critic_version = critic_mailbox.fetch("critic", policy_critic, critic_version)
             normalizer_version = normalizer_mailbox.fetch("obs_normalizer", obs_normalizer, normalizer_version)
-            # Toward a GPU the copy may run behind; toward the CPU the values are needed at once.
-            obs_batch = shared_replay.sample_obs(args.batch_size).to(device, non_blocking=device.type == "cuda")
-            actor_loss = update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs_batch, args)
-            stats["actor_loss"] += actor_loss
-            stats["actor_nonfinite"] += (~torch.isfinite(actor_loss)).double()
+            shared_replay.fill_window(window)
+            p_step()  # sample, update, statistics (p_learner_step), or its CUDA graph
             in_flight.mark()
             coordinator.count("p_updates")
             if coordinator.p_updates % args.sync_interval == 0:
@@ -959,8 +1062,8 @@ def train(args, env, eval_env, devices):
     actor = Actor(env.obs_dim, env.act_dim, args.hidden_dims).to(p_device)
     critic = make_critic(env.obs_dim, env.act_dim, args).to(v_device)
     critic_target = copy.deepcopy(critic).requires_grad_(False)
-    actor_optimizer = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr)
-    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr)
+    actor_optimizer = make_optimizer(actor.parameters(), args.actor_lr, capturable=args.cuda_graphs)
+    critic_optimizer = make_optimizer(critic.parameters(), args.critic_lr, capturable=args.cuda_graphs)
     # Each role acts on its own copy of the networks it does not train (paper, Sec. 3.1).
     acting_policy = copy.deepcopy(actor).requires_grad_(False).to(actor_device)  # the actor role's policy
     target_policy = copy.deepcopy(actor).requires_grad_(False).to(v_device)  # the V-learner's, for target actions
@@ -984,13 +1087,29 @@ def train(args, env, eval_env, devices):
     first_nonfinite_iteration = torch.full((), float("inf"), device=actor_device)
     iteration_on_device = torch.zeros((), device=actor_device)
 
+    # The learners' steps as functions of nothing, each sampling through its own window; compiled,
+    # or recorded as CUDA graphs, if asked. Each graph is recorded here, before the threads start
+    # (a capture forbids other threads' CUDA work), in a memory pool of its own; a learner then
+    # replays it on its own stream: one launch per update, and the GIL is free in between.
+    v_window, p_window = replay_buffer.new_window(), replay_buffer.new_window()
+    v_step, p_step = (torch.compile(v_learner_step), torch.compile(p_learner_step)) if args.compile else (v_learner_step, p_learner_step)
+    v_step = functools.partial(v_step, replay_buffer, v_window, critic, critic_target, critic_optimizer, target_policy, v_normalizer, v_stats, args)
+    p_step = functools.partial(p_step, replay_buffer, p_window, actor, actor_optimizer, policy_critic, p_normalizer, p_stats, args)
+    if args.cuda_graphs:
+        # Recorded before any data is in: the eager calls sample row 0 of each env (zeros, not
+        # valid), then everything they changed is put back.
+        v_window.fill_(1)
+        p_window.fill_(1)
+        v_step = capture_cuda_graph(v_step, [*critic.parameters(), *critic_target.parameters(), *v_stats.values()], critic_optimizer, v_device)
+        p_step = capture_cuda_graph(p_step, [*actor.parameters(), *p_stats.values()], actor_optimizer, p_device)
+
     threads = [
         threading.Thread(target=run_role, name="v-learner", daemon=True, args=(
-            coordinator, v_learner, shared_replay, critic, critic_target, critic_optimizer, target_policy, v_normalizer,
-            policy_mailbox, critic_mailbox, normalizer_mailbox, v_stats, v_device, args)),
+            coordinator, v_learner, shared_replay, v_window, v_step, target_policy, v_normalizer,
+            policy_mailbox, critic_mailbox, normalizer_mailbox, critic, critic_target, v_device, args)),
         threading.Thread(target=run_role, name="p-learner", daemon=True, args=(
-            coordinator, p_learner, shared_replay, actor, actor_optimizer, policy_critic, p_normalizer,
-            policy_mailbox, critic_mailbox, normalizer_mailbox, p_stats, p_device, args)),
+            coordinator, p_learner, shared_replay, p_window, p_step, policy_critic, p_normalizer,
+            policy_mailbox, critic_mailbox, normalizer_mailbox, actor, p_device, args)),
     ]
     for thread in threads:
         thread.start()
@@ -1153,6 +1272,9 @@ def main():
             if args.sync_interval < 1:
                 raise ValueError(f"--sync-interval must be >= 1, got {args.sync_interval}")
             devices = resolve_role_devices(args, device)
+            if args.cuda_graphs and not (devices[1].type == "cuda" and devices[1] == devices[2]):
+                raise ValueError("--cuda-graphs records CUDA graphs: it needs the V- and P-learner on one CUDA device"
+                                 f" (they are on {devices[1]} and {devices[2]})")
             random.seed(args.seed)
             np.random.seed(args.seed)
             torch.manual_seed(args.seed)

@@ -5,22 +5,29 @@ networks for Pendulum, fills a replay buffer with random transitions, and times 
 of one iteration of pql.py (8 V-updates and 4 P-updates, each with its sampling) for each code
 path, side by side in one process, in turns, so that a slow patch of the machine hits all paths:
 
-    plain     pql.py as it is: AdamW with torch's default implementation (a loop over tensors on the CPU)
-    foreach   AdamW(foreach=True): one multi-tensor op per step instead of one per tensor
-    fused     AdamW(fused=True): one fused kernel (on the CPU from torch 2.4)
-    compile   torch.compile of the two update functions (its compile time is printed apart)
+    before    pql.py as it was before the fast path (commit BEFORE_FAST_PATH, read with `git show`):
+              two separate Q networks, AdamW's default loop over tensors, a loop for the target update,
+              two-dimensional indexing into the replay buffer
+    eager     pql.py as it is: both Q heads in one batched matmul per layer, fused (or foreach) AdamW,
+              one multi-tensor op for the target update, flat indexing, sampling on the device
+    compile   the same steps under torch.compile, as --compile runs them (compile time printed apart)
+    graphs    the same steps recorded as CUDA graphs, as --cuda-graphs runs them (CUDA only)
 
 Beside each figure: the arithmetic limit, the FLOPs of the updates' matrix products (counted layer
 by layer) over the matmul throughput of this machine (a large float32 matmul, measured here), so
 the gap between what the updates do and what they could do shows.
 
     python benchmarks/update_speed.py                       # quick start and default sizes, CPU
-    python benchmarks/update_speed.py --device cuda         # on a GPU
-    python benchmarks/update_speed.py --paths plain fused compile
+    python benchmarks/update_speed.py --device cuda --paths before eager graphs
+    python benchmarks/update_speed.py --paths before eager compile
 """
 import copy
+import functools
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Tuple
@@ -29,14 +36,18 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import pql  # noqa: E402
 from bench_envs import machine_name  # noqa: E402
+
+import pql  # noqa: E402
 
 SIZES = {  # name: (hidden dims, batch size), as in the README's quick start and the scripts' defaults
     "quick-start": ((64, 64), 1024),
     "default": ((512, 256, 128), 8192),
 }
 OBS_DIM, ACT_DIM = 3, 1  # Pendulum
+PATHS = ("before", "eager", "compile", "graphs")
+BEFORE_FAST_PATH = "1cedf45"  # the last commit of pql.py before the fast path (issue 12)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V_UPDATES, P_UPDATES = 8, 4  # one iteration of pql.py at its default ratios
 
 
@@ -44,8 +55,8 @@ V_UPDATES, P_UPDATES = 8, 4  # one iteration of pql.py at its default ratios
 class Args:
     sizes: Tuple[str, ...] = ("quick-start", "default")
     """network and batch sizes to time: quick-start (64-64, batch 1024) and default (512-256-128, batch 8192)"""
-    paths: Tuple[str, ...] = ("plain", "foreach", "fused")
-    """code paths to time: plain, foreach, fused, compile"""
+    paths: Tuple[str, ...] = ("before", "eager")
+    """code paths to time: before, eager, compile, graphs (CUDA only)"""
     device: str = "cpu"
     """device of the networks and the buffer"""
     seconds: float = 10.0
@@ -90,43 +101,78 @@ def update_flops(hidden_dims, batch):
     return v_update, p_update
 
 
+def load_pql_before():
+    """pql.py as of BEFORE_FAST_PATH, as a module of its own (it needs git and the repository's history)."""
+    source = subprocess.run(["git", "show", f"{BEFORE_FAST_PATH}:pql.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "pql_before.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("pql_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class Learners:
-    """pql.py's learner state for one size and one code path."""
+    """One code path's learner state for one size, on the same random transitions."""
 
     def __init__(self, path, hidden_dims, batch_size, device, seed):
+        module = load_pql_before() if path == "before" else pql
         torch.manual_seed(seed)
-        self.args = pql.Args(hidden_dims=hidden_dims, batch_size=batch_size)
-        self.buffer = pql.ReplayBuffer(64, 1000, OBS_DIM, ACT_DIM, device)
+        args = self.args = module.Args(hidden_dims=hidden_dims, batch_size=batch_size)
+        self.buffer = module.ReplayBuffer(64, 1000, OBS_DIM, ACT_DIM, device)
         for _ in range(1000):
             self.buffer.add(torch.randn(64, OBS_DIM, device=device), torch.rand(64, ACT_DIM, device=device) * 2 - 1,
                             -torch.rand(64, device=device), torch.randn(64, OBS_DIM, device=device),
                             torch.zeros(64, dtype=torch.bool, device=device), torch.rand(64, device=device) < 0.005,
                             torch.ones(64, dtype=torch.bool, device=device))
-        self.normalizer = pql.ObsNormalizer(OBS_DIM, 5.0, device)
+        self.normalizer = module.ObsNormalizer(OBS_DIM, 5.0, device)
         self.normalizer.update(self.buffer.obs[:, :1000].reshape(-1, OBS_DIM))
-        self.actor = pql.Actor(OBS_DIM, ACT_DIM, hidden_dims).to(device)
-        self.critic = pql.make_critic(OBS_DIM, ACT_DIM, self.args).to(device)
+        self.actor = module.Actor(OBS_DIM, ACT_DIM, hidden_dims).to(device)
+        self.critic = module.make_critic(OBS_DIM, ACT_DIM, args).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.target_policy = copy.deepcopy(self.actor).requires_grad_(False)
         self.policy_critic = copy.deepcopy(self.critic).requires_grad_(False)
-        options = {"plain": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "compile": {}}[path]
-        self.actor_optimizer = torch.optim.AdamW(self.actor.parameters(), lr=self.args.actor_lr, **options)
-        self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=self.args.critic_lr, **options)
-        self.update_critic, self.update_actor = pql.update_critic, pql.update_actor
-        if path == "compile":
-            self.update_critic, self.update_actor = torch.compile(pql.update_critic), torch.compile(pql.update_actor)
+        self.module = module
+        if path == "before":
+            self.actor_optimizer = torch.optim.AdamW(self.actor.parameters(), lr=args.actor_lr)
+            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=args.critic_lr)
+            self.v_step, self.p_step = self.before_v_step, self.before_p_step
+            return
+        if path == "graphs" and device.type != "cuda":
+            raise ValueError("CUDA graphs need --device cuda")
+        self.actor_optimizer = pql.make_optimizer(self.actor.parameters(), args.actor_lr, capturable=path == "graphs")
+        self.critic_optimizer = pql.make_optimizer(self.critic.parameters(), args.critic_lr, capturable=path == "graphs")
+        stats = {name: torch.zeros((), device=device) for name in
+                 ["critic_loss", "q_mean", "outside_support", "critic_nonfinite", "actor_loss", "actor_nonfinite"]}
+        v_step, p_step = (torch.compile(pql.v_learner_step), torch.compile(pql.p_learner_step)) if path == "compile" else (
+            pql.v_learner_step, pql.p_learner_step)
+        window = self.buffer.window
+        self.v_step = functools.partial(v_step, self.buffer, window, self.critic, self.critic_target, self.critic_optimizer,
+                                        self.target_policy, self.normalizer, stats, args)
+        self.p_step = functools.partial(p_step, self.buffer, window, self.actor, self.actor_optimizer, self.policy_critic,
+                                        self.normalizer, stats, args)
+        if path == "graphs":  # as pql.py records them
+            self.v_step = pql.capture_cuda_graph(self.v_step, [*self.critic.parameters(), *self.critic_target.parameters(),
+                                                               *stats.values()], self.critic_optimizer, device)
+            self.p_step = pql.capture_cuda_graph(self.p_step, [*self.actor.parameters(), *stats.values()], self.actor_optimizer, device)
+
+    def before_v_step(self):
+        batch = self.buffer.sample(self.args.batch_size, self.args.nstep, self.args.gamma)
+        self.module.update_critic(self.critic, self.critic_target, self.critic_optimizer, self.target_policy, self.normalizer, batch, self.args)
+
+    def before_p_step(self):
+        obs = self.buffer.sample_obs(self.args.batch_size)
+        self.module.update_actor(self.actor, self.actor_optimizer, self.policy_critic, self.normalizer, obs, self.args)
 
     def iteration(self):
         """The learners' share of one iteration of pql.py: 8 V-updates, 4 P-updates, hand-off."""
-        args = self.args
         for v_update in range(1, V_UPDATES + 1):
-            batch = self.buffer.sample(args.batch_size, args.nstep, args.gamma)
-            self.update_critic(self.critic, self.critic_target, self.critic_optimizer, self.target_policy, self.normalizer, batch, args)
-            if v_update % args.v_updates_per_p_update == 0:
-                obs = self.buffer.sample_obs(args.batch_size)
-                self.update_actor(self.actor, self.actor_optimizer, self.policy_critic, self.normalizer, obs, args)
-        pql.copy_weights(self.actor, self.target_policy)
-        pql.copy_weights(self.critic, self.policy_critic)
+            self.v_step()
+            if v_update % self.args.v_updates_per_p_update == 0:
+                self.p_step()
+        self.module.copy_weights(self.actor, self.target_policy)
+        self.module.copy_weights(self.critic, self.policy_critic)
 
 
 def rate(per_second):
@@ -136,16 +182,16 @@ def rate(per_second):
 
 def main():
     args = tyro.cli(Args)
-    unknown = [p for p in args.paths if p not in ("plain", "foreach", "fused", "compile")]
+    unknown = [p for p in args.paths if p not in PATHS]
     if unknown or not args.paths or any(s not in SIZES for s in args.sizes) or not args.sizes or args.seconds <= 0:
-        print(f"error: --paths must be among plain, foreach, fused, compile (got {list(args.paths)}), --sizes among"
+        print(f"error: --paths must be among {', '.join(PATHS)} (got {list(args.paths)}), --sizes among"
               f" {', '.join(SIZES)} (got {list(args.sizes)}), --seconds > 0", file=sys.stderr)
         return 2
     device = pql.resolve_device(args.device)
     peak = matmul_flops_per_second(device)
     print(f"update_speed.py on {machine_name(device)}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; matmul throughput {peak / 1e9:.1f} GFLOP/s (float32)\n")
     print("| size | path | V-updates/s | P-updates/s | iteration (8 V + 4 P) ms | arithmetic limit, iteration ms | x limit |"
-          " speed-up over plain |")
+          " speed-up over before |")
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         hidden_dims, batch_size = SIZES[size]
@@ -162,7 +208,7 @@ def main():
                 if path == "compile":
                     print(f"# {size}: compiling and two warm-up iterations took {time.perf_counter() - start:.1f} s")
                 paths[path] = learners
-            except (RuntimeError, TypeError, ValueError) as error:  # e.g. fused AdamW on a CPU before torch 2.4
+            except (RuntimeError, ValueError, subprocess.CalledProcessError) as error:  # no git history; graphs on a CPU
                 print(f"# {size}: path {path} unavailable here: {str(error).splitlines()[0]}")
         elapsed = {path: 0.0 for path in paths}
         iterations = {path: 0 for path in paths}
@@ -176,7 +222,7 @@ def main():
                 elapsed[path] += time.perf_counter() - start
         for path in paths:
             iteration_s = elapsed[path] / iterations[path]
-            speed_up = f"{elapsed['plain'] / iterations['plain'] / iteration_s:.2f}x" if "plain" in paths else "-"
+            speed_up = f"{elapsed['before'] / iterations['before'] / iteration_s:.2f}x" if "before" in paths else "-"
             print(f"| {size} | {path} | {rate(V_UPDATES / iteration_s)} | {rate(P_UPDATES / iteration_s)} | {1000 * iteration_s:.1f} |"
                   f" {1000 * limit:.2f} | {iteration_s / limit:.0f} | {speed_up} |")
     return 0

@@ -215,14 +215,16 @@ def write_pendulum_checkpoint(path, action_bias, critic_slope):
     args = pql.Args(task="Pendulum", hidden_dims=(8,))
     actor, critic = pql.Actor(3, 1, args.hidden_dims), pql.make_critic(3, 1, args)
     with torch.no_grad():
-        for layer in [actor.net[0], actor.net[-1], critic.q1[0], critic.q1[-1], critic.q2[0], critic.q2[-1]]:
+        for layer in [actor.net[0], actor.net[-1]]:
             layer.weight.zero_()
             layer.bias.zero_()
+        for tensor in critic.q_heads.parameters():  # both heads' layers, stacked (2, in, out)
+            tensor.zero_()
         actor.net[-1].bias.fill_(action_bias)
-        for head in [critic.q1, critic.q2]:
-            head[0].weight[0, 3] = critic_slope  # input 3 is the action, after the 3 observations
-            head[-1].weight[0, 0] = 1.0
-            head[-1].bias.fill_(-1.0)
+        weights, biases = critic.q_heads.weights, critic.q_heads.biases
+        weights[0][:, 3, 0] = critic_slope  # input 3 is the action, after the 3 observations; into hidden unit 0
+        weights[-1][:, 0, 0] = 1.0
+        biases[-1].fill_(-1.0)
     assert pql.save_checkpoint(str(path), actor, critic, critic, pql.ObsNormalizer(3, 5.0, "cpu"), args, 0)
 
 
@@ -270,7 +272,8 @@ def test_update_speed_counts_flops_and_times_each_path():
     assert mlp_flops(3, (64, 64), 1, batch=10) == 2 * 10 * (3 * 64 + 64 * 64 + 64)
     actor, q_head = mlp_flops(3, (64, 64), 1, 1024), mlp_flops(4, (64, 64), 1, 1024)
     assert update_flops((64, 64), 1024) == (actor + 8 * q_head, 3 * actor + 4 * q_head)
-    out = run_script("update_speed.py", "--sizes", "quick-start", "--paths", "plain", "fused", "--seconds", "0.5")
+    out = run_script("update_speed.py", "--sizes", "quick-start", "--paths", "before", "eager", "graphs", "--seconds", "0.5")
     rows = table_rows(out, "quick-start")
-    assert [row.split(" | ")[1] for row in rows] == ["plain", "fused"] or "path fused unavailable" in out, out
+    assert [row.split(" | ")[1] for row in rows] == ["before", "eager"], out  # before: pql.py from git history
+    assert "path graphs unavailable here: CUDA graphs need --device cuda" in out
     assert rows[0].endswith("| 1.00x |") and float(rows[0].split(" | ")[2].replace(",", "")) > 0

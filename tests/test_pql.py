@@ -84,11 +84,29 @@ def test_sampling_only_returns_written_rows():
         written.update(ids.tolist())
         false = torch.zeros(num_envs, dtype=torch.bool)
         buffer.add(ids[:, None], ids[:, None], ids, ids[:, None], false, false, ~false)
-    obs = buffer.sample(10_000, nstep=3, gamma=0.99)[0]
+    obs = buffer.sample(10_000, nstep=3, gamma=0.99, window=buffer.window)[0]
     sampled = set(obs.squeeze(1).tolist())
     assert sampled <= written
     assert sampled == written  # and every written row can be drawn
-    assert set(buffer.sample_obs(10_000).squeeze(1).tolist()) == written  # the P-learner's observations alike
+    assert set(buffer.sample_obs(10_000, buffer.window).squeeze(1).tolist()) == written  # the P-learner's observations alike
+
+
+def test_rows_are_drawn_uniformly_from_the_window_on_the_device():
+    """Ages come from a device-held window (a large random integer modulo the number of rows):
+    uniform over the allowed rows, none outside, after the ring has wrapped."""
+    buffer = pql.ReplayBuffer(3, 40, 1, 1, torch.device("cpu"), overwrite_guard=3)
+    false = torch.zeros(3, dtype=torch.bool)
+    for step in range(53):  # wraps: pos 13, full
+        buffer.add(torch.zeros(3, 1), torch.zeros(3, 1), torch.zeros(3), torch.zeros(3, 1), false, false, ~false)
+    assert buffer.window.tolist() == [13, 37]  # pos, and 40 rows less the 3 guarded ones
+    draws = 370_000
+    env_index, start, age = buffer.sample_rows(draws, buffer.window)
+    assert torch.equal(start, (13 - 1 - age) % 40)
+    counts = torch.bincount(age, minlength=37).double()
+    assert len(counts) == 37  # no age beyond the window
+    expected = draws / 37
+    assert ((counts - expected).abs() < 5 * expected**0.5).all()  # within 5 sigma of uniform, every age
+    assert ((torch.bincount(env_index).double() - draws / 3).abs() < 5 * (draws / 3) ** 0.5).all()
 
 
 def test_timeouts_bootstrap_and_terminations_do_not():
@@ -206,6 +224,72 @@ def test_pre_tanh_penalty_pulls_a_saturated_policy_back_inside_its_bound(bound):
         assert pre_tanh.max() < 3.05 and pre_tanh.min() > 2.0
     else:
         assert first_loss == 0.0 and pre_tanh.min() > 7.0  # no penalty: only AdamW's weight decay moves it
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path against the code before it
+# ---------------------------------------------------------------------------------------------
+def load_pql_before():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from update_speed import load_pql_before
+
+    return load_pql_before()
+
+
+@pytest.mark.parametrize("distributional", [False, True])
+def test_fast_updates_match_the_code_before_them(distributional):
+    """Both Q heads in one batched matmul per layer, fused AdamW and one multi-tensor target update
+    against pql.py before them (from git history: two Q networks, AdamW's loop over tensors, a loop
+    of lerps): from the same weights, on the same batches and target noise, 16 V-updates and 8
+    P-updates give the same losses and weights, to float tolerance."""
+    before = load_pql_before()
+    buffer, _ = fill_random_buffer(num_envs=8, capacity=40, steps=40, obs_dim=3)
+    normalizer = pql.ObsNormalizer(3, 5.0, torch.device("cpu"))
+    normalizer.update(buffer.obs.reshape(-1, 3))
+    flags = dict(hidden_dims=(32, 16), batch_size=64, distributional=distributional)
+    args, old_args = pql.Args(**flags), before.Args(**flags)
+    torch.manual_seed(0)
+    critic, actor = pql.make_critic(3, 1, args), pql.Actor(3, 1, args.hidden_dims)
+    old_critic, old_actor = before.make_critic(3, 1, old_args), before.Actor(3, 1, args.hidden_dims)
+    old_actor.load_state_dict(actor.state_dict())
+    start_actor_weight = actor.net[0].weight.detach().clone()
+    with torch.no_grad():  # layer i of head h: nn.Linear's (out, in) weight is the stack's [h] transposed
+        for layer, (weight, bias) in enumerate(zip(critic.q_heads.weights, critic.q_heads.biases)):
+            for head, old_head in enumerate([old_critic.q1, old_critic.q2]):
+                old_head[2 * layer].weight.copy_(weight[head].T)
+                old_head[2 * layer].bias.copy_(bias[head, 0])
+    fast = dict(critic=critic, critic_target=copy.deepcopy(critic).requires_grad_(False), actor=actor,
+                critic_optimizer=pql.make_optimizer(critic.parameters(), args.critic_lr, capturable=False),
+                actor_optimizer=pql.make_optimizer(actor.parameters(), args.actor_lr, capturable=False), module=pql, args=args)
+    plain = dict(critic=old_critic, critic_target=copy.deepcopy(old_critic).requires_grad_(False), actor=old_actor,
+                 critic_optimizer=torch.optim.AdamW(old_critic.parameters(), lr=args.critic_lr),
+                 actor_optimizer=torch.optim.AdamW(old_actor.parameters(), lr=args.actor_lr), module=before, args=old_args)
+    assert "fused" not in repr(plain["critic_optimizer"].defaults) or not plain["critic_optimizer"].defaults["fused"]
+    for v_update in range(1, 17):
+        batch = buffer.sample(args.batch_size, args.nstep, args.gamma, buffer.window)
+        obs_batch = buffer.sample_obs(args.batch_size, buffer.window)
+        losses = []
+        for path in (fast, plain):
+            module, path_args = path["module"], path["args"]
+            torch.manual_seed(v_update)  # the same target policy noise
+            target_policy = copy.deepcopy(path["actor"]).requires_grad_(False)
+            critic_loss, _, _ = module.update_critic(path["critic"], path["critic_target"], path["critic_optimizer"], target_policy,
+                                                     normalizer, batch, path_args)
+            losses.append(critic_loss.item())
+            if v_update % 2 == 0:
+                policy_critic = copy.deepcopy(path["critic"]).requires_grad_(False)
+                losses.append(module.update_actor(path["actor"], path["actor_optimizer"], policy_critic, normalizer, obs_batch,
+                                                  path_args).item())
+        half = len(losses) // 2
+        assert losses[:half] == pytest.approx(losses[half:], rel=1e-5, abs=1e-6), f"V-update {v_update}"
+    for name in ["critic", "critic_target"]:
+        for layer, (weight, bias) in enumerate(zip(fast[name].q_heads.weights, fast[name].q_heads.biases)):
+            for head, old_head in enumerate([plain[name].q1, plain[name].q2]):
+                torch.testing.assert_close(weight[head].T, old_head[2 * layer].weight, rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(bias[head, 0], old_head[2 * layer].bias, rtol=1e-4, atol=1e-6)
+    for new, old in zip(fast["actor"].parameters(), plain["actor"].parameters()):
+        torch.testing.assert_close(new, old, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(fast["actor"].net[0].weight, start_actor_weight)  # the updates did change the networks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +420,7 @@ def test_checkpoints_refuse_nonfinite_weights(tmp_path):
     normalizer = pql.ObsNormalizer(3, 5.0, torch.device("cpu"))
     path = str(tmp_path / "model.pt")
     assert pql.save_checkpoint(path, actor, critic, copy.deepcopy(critic), normalizer, args, 1)
-    for poisoned in [actor.net[0].weight, critic.q2[-1].bias, normalizer.var]:
+    for poisoned in [actor.net[0].weight, critic.q_heads.biases[-1], normalizer.var]:
         with torch.no_grad():
             saved = poisoned.clone()
             poisoned[0] = float("nan")

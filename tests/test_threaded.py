@@ -13,10 +13,15 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+from test_pql import (
+    REPO,
+    interrupt_run,
+    learned_mean_return,
+    main_in_process,
+    read_scalars,
+)
 
 import pql_threaded
-
-from test_pql import REPO, interrupt_run, learned_mean_return, main_in_process, read_scalars
 
 SMALL = ["--task", "Pendulum", "--num-envs", "16", "--hidden-dims", "32", "32", "--batch-size", "64",
          "--buffer-size", "16000", "--device", "cpu", "--warmup-iterations", "4"]
@@ -214,33 +219,38 @@ def test_no_copy_toward_the_cpu_is_left_running_behind(tmp_path, monkeypatch):
     assert nonblocking_to_cpu == []
 
 
-def test_learners_gather_their_samples_outside_the_lock():
-    """Only the choice of rows needs the coordinator's lock; the gather (most of a sample's torch
-    calls) runs without it, so the actor and the other learner are not held up."""
-    args = pql_threaded.Args(batch_size=16, nstep=3)
-    coordinator = pql_threaded.Coordinator(args)
-    buffer = pql_threaded.ReplayBuffer(4, 20, 2, 1, torch.device("cpu"), overwrite_guard=5)
-    shared = pql_threaded.SharedReplay(buffer, coordinator)
-    no = torch.zeros(4, dtype=torch.bool)
-    for _ in range(10):
-        shared.add(torch.randn(4, 2), torch.randn(4, 1), torch.randn(4), torch.randn(4, 2), no, no, ~no)
-    lock_was_free, real_gather = [], buffer.gather
+def test_learners_draw_and_gather_their_samples_outside_the_lock(monkeypatch, tmp_path):
+    """Only the copy of pos/size into a learner's window needs the coordinator's lock; drawing the
+    rows and gathering them (most of a sample's torch calls) run without it, so the actor and the
+    other learner are not held up."""
+    monkeypatch.chdir(tmp_path)
+    coordinators, lock_was_free = [], []
+    real_sample_rows = pql_threaded.ReplayBuffer.sample_rows
+
+    class RecordedCoordinator(pql_threaded.Coordinator):
+        def __init__(self, args):
+            super().__init__(args)
+            coordinators.append(self)
 
     def try_the_lock_from_another_thread():
-        acquired = coordinator.condition.acquire(timeout=1.0)
+        acquired = coordinators[0].condition.acquire(timeout=1.0)
         if acquired:
-            coordinator.condition.release()
+            coordinators[0].condition.release()
         lock_was_free.append(acquired)
 
-    def gather(*args):
+    def sample_rows(buffer, *args):
         other = threading.Thread(target=try_the_lock_from_another_thread)
         other.start()
         other.join()
-        return real_gather(*args)
+        return real_sample_rows(buffer, *args)
 
-    buffer.gather = gather
-    obs, *_ = shared.sample(args)
-    assert lock_was_free == [True] and obs.shape == (16, 2)
+    monkeypatch.setattr(pql_threaded, "Coordinator", RecordedCoordinator)
+    monkeypatch.setattr(pql_threaded.ReplayBuffer, "sample_rows", sample_rows)
+    args = pql_threaded.Args(task="Pendulum", num_envs=4, hidden_dims=(8,), batch_size=16, buffer_size=400, warmup_iterations=2,
+                             total_timesteps=4 * 12, log_interval=50)
+    cpu = torch.device("cpu")
+    assert pql_threaded.train(args, pql_threaded.envs.make_env("Pendulum", 4, device=cpu, seed=0), None, (cpu, cpu, cpu)) == 0
+    assert len(lock_was_free) >= 40 and all(lock_was_free)  # V- and P-learner samples alike
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,17 +415,22 @@ def run_with_lagging_reads(monkeypatch, tmp_path, guard_for, v_updates_per_env_s
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(pql_threaded, "overwrite_guard", guard_for)
     stamps, pending, overwritten, checked = {}, threading.local(), [0], [0]
-    real_add, real_sample_rows, real_mark = (pql_threaded.ReplayBuffer.add, pql_threaded.ReplayBuffer.sample_rows,
-                                             pql_threaded.InFlightLimit.mark)
+    real_add, real_fill_window, real_sample_rows, real_mark = (
+        pql_threaded.ReplayBuffer.add, pql_threaded.ReplayBuffer.fill_window, pql_threaded.ReplayBuffer.sample_rows,
+        pql_threaded.InFlightLimit.mark)
 
     def add(buffer, *transition):  # under the coordinator's lock, like the real write
         stamps.setdefault("columns", torch.full((buffer.num_envs, buffer.capacity), -1))[:, buffer.pos] = stamps.get("next", 0)
         stamps["next"] = stamps.get("next", 0) + 1
         real_add(buffer, *transition)
 
-    def sample_rows(buffer, batch_size):  # under the lock too: the rows and their stamps as chosen
-        env_index, start, age = real_sample_rows(buffer, batch_size)
-        pending.chosen = (env_index, start, stamps["columns"][env_index, start].clone())
+    def fill_window(buffer, window):  # under the lock too: the rows a sample may draw are fixed here
+        real_fill_window(buffer, window)
+        pending.stamps_at_fill = stamps["columns"].clone()
+
+    def sample_rows(buffer, batch_size, window):  # the rows drawn, with their stamps when the window was filled
+        env_index, start, age = real_sample_rows(buffer, batch_size, window)
+        pending.chosen = (env_index, start, pending.stamps_at_fill[env_index, start])
         return env_index, start, age
 
     def mark(in_flight):
@@ -429,6 +444,7 @@ def run_with_lagging_reads(monkeypatch, tmp_path, guard_for, v_updates_per_env_s
         real_mark(in_flight)
 
     monkeypatch.setattr(pql_threaded.ReplayBuffer, "add", add)
+    monkeypatch.setattr(pql_threaded.ReplayBuffer, "fill_window", fill_window)
     monkeypatch.setattr(pql_threaded.ReplayBuffer, "sample_rows", sample_rows)
     monkeypatch.setattr(pql_threaded.InFlightLimit, "mark", mark)
     args = pql_threaded.Args(task="Pendulum", num_envs=4, hidden_dims=(8,), batch_size=64, warmup_iterations=2,
