@@ -1,6 +1,6 @@
 """One command for the first person with a GPU: does PQL run, how fast, and does it still learn sane numbers?
 
-    python benchmarks/gpu_check.py                        # on the GPU: 4 runs of 300 iterations at 4096 envs, a few minutes
+    python benchmarks/gpu_check.py                        # on the GPU: 6 runs of 300 iterations at 4096 envs, a few minutes
     python benchmarks/gpu_check.py --device cpu --tiny    # the same checks at toy sizes, well under a minute on 2 cores
 
 It prints a header (GPU, torch and CUDA versions, date, command line), then Markdown tables, and
@@ -37,7 +37,12 @@ exits 1 if any check failed (listing which), 0 if all passed, 2 on a bad flag (b
    change of Pendulum's start states becomes ~1e-3 in the observations within 200 steps), so a
    free-running CPU-vs-GPU comparison may exceed 1e-4 late in an episode without any bug.
    With --device cpu the CPU is compared with itself (differences 0; the code path still runs).
-3. Multi-GPU placement, when there are at least 2 CUDA devices: pql_threaded.py (scalar critic)
+3. CUDA graphs, on a GPU: pql.py and pql_threaded.py with --cuda-graphs (scalar critic), the same
+   checks as 1; and pql.py's learner steps at the default sizes, 16 V-updates and 8 P-updates
+   replayed from CUDA graphs against the same updates run eagerly from the same weights and seed
+   (benchmarks/update_speed.py builds both): the summed losses must agree to 1e-3 (relative) and
+   every weight to 1e-4. With --device cpu it says they were skipped.
+4. Multi-GPU placement, when there are at least 2 CUDA devices: pql_threaded.py (scalar critic)
    with --actor-device cuda:0 --v-learner-device cuda:1 (P-learner on --device), and with
    --v-learner-device cuda:1 alone; the same checks as 1. Otherwise it says it was skipped and why.
 
@@ -231,12 +236,13 @@ class Run:
     script: str
     critic: str = "scalar"
     placement: tuple = ()
+    flags: tuple = ()  # other flags, e.g. ("--cuda-graphs",)
 
     @property
     def name(self):
         flags = "".join(f"-{flag.strip('-').split('-')[0]}-{device.replace(':', '')}"
                         for flag, device in zip(self.placement[::2], self.placement[1::2]))
-        return f"{self.script.replace('.py', '')}-{self.critic}{flags}"
+        return f"{self.script.replace('.py', '')}-{self.critic}{flags}" + "".join(f"-{flag.strip('-')}" for flag in self.flags)
 
 
 def run_commands(run, device, num_envs, iterations, warmup_iterations, seed, tiny):
@@ -250,7 +256,7 @@ def run_commands(run, device, num_envs, iterations, warmup_iterations, seed, tin
         train += TINY_FLAGS
     if run.critic == "distributional":
         train.append("--distributional")
-    train += list(run.placement)
+    train += list(run.placement) + list(run.flags)
     evaluate = [sys.executable, os.path.join(REPO, run.script), "--eval-checkpoint", None,
                 "--eval-episodes", str(EVAL_EPISODES), "--device", device]
     return train, evaluate
@@ -295,7 +301,8 @@ def summarize(run, scalars, num_envs, exit_code, eval_return, eval_problem, seco
 
     exit_code: the training's, None if it timed out. eval_return: the parsed mean return, None if
     the evaluation failed, with eval_problem saying why."""
-    row = dict(script=run.script, critic=run.critic, placement=run.placement, exit_code=exit_code, seconds=seconds,
+    critic = " ".join([run.critic, *run.flags])
+    row = dict(script=run.script, critic=critic, placement=run.placement, exit_code=exit_code, seconds=seconds,
                env_steps_per_s=None, v_updates_per_s=None, v_per_env_step=None, v_per_p_update=None,
                losses_finite=None, eval_return=eval_return, failures=[])
     failures = row["failures"]
@@ -405,6 +412,41 @@ def all_failures(run_rows, env_rows):
     return failures + [problem for r in env_rows for problem in env_failures(r)]
 
 
+def cuda_graph_runs(device):
+    """Both scripts with --cuda-graphs (scalar critic), or None and why they are skipped."""
+    import torch
+    if torch.device(device).type != "cuda":
+        return None, f"--device {device} (CUDA graphs need CUDA)"
+    return [Run(script, flags=("--cuda-graphs",)) for script in SCRIPTS], None
+
+
+def graphs_against_eager(device, hidden_dims=(512, 256, 128), batch_size=8192, updates=16):
+    """pql.py's learner steps replayed from CUDA graphs against the same steps run eagerly: two
+    learners built alike (benchmarks/update_speed.py), the same seed before each path's updates.
+    Returns (largest relative difference of the summed losses, largest difference of any weight).
+    The graphs draw their random numbers from the same generator state, so the batches and the
+    target noise should be the same; if they were not, the losses would differ by far more than
+    float rounding."""
+    import torch
+    sys.path.insert(0, HERE)
+    from update_speed import Learners
+    torch_device = torch.device(device)
+    paths = {}
+    for path in ["eager", "graphs"]:
+        learners = Learners(path, hidden_dims, batch_size, torch_device, seed=0)
+        torch.manual_seed(1234)
+        for _ in range(updates // 8):
+            learners.iteration()
+        torch.cuda.synchronize(torch_device)
+        paths[path] = learners
+    eager, graphs = paths["eager"], paths["graphs"]
+    loss_difference = max(abs(float(eager.stats[name]) - float(graphs.stats[name])) / max(abs(float(eager.stats[name])), 1e-6)
+                          for name in ["critic_loss", "actor_loss"])
+    weight_difference = max(float((a - b).abs().max()) for module in ["critic", "critic_target", "actor"]
+                            for a, b in zip(getattr(eager, module).parameters(), getattr(graphs, module).parameters()))
+    return loss_difference, weight_difference
+
+
 def multi_gpu_runs(device):
     """The placement runs, or None and why they are skipped."""
     import torch
@@ -435,6 +477,7 @@ def main():
 
     runs = [Run(script, critic) for script in SCRIPTS for critic in CRITICS]
     placement_runs, skipped_because = multi_gpu_runs(args.device)
+    graph_runs, graphs_skipped_because = cuda_graph_runs(args.device)
 
     def check(run):
         row = check_run(run, args.device, num_envs, iterations, warmup_iterations, args.seed, args.tiny, logdir, args.timeout)
@@ -444,7 +487,14 @@ def main():
     # One run at a time, so each has the machine to itself while it is timed. --tiny's runs only
     # check that everything works, and most of their cost is start-up (imports): two at a time.
     with concurrent.futures.ThreadPoolExecutor(max_workers=2 if args.tiny else 1) as pool:
-        run_rows = list(pool.map(check, runs + (placement_runs or [])))
+        run_rows = list(pool.map(check, runs + (graph_runs or []) + (placement_runs or [])))
+    graph_failures = []
+    if graph_runs is not None:
+        loss_difference, weight_difference = graphs_against_eager(args.device)
+        graph_ok = loss_difference < 1e-3 and weight_difference < 1e-4
+        if not graph_ok:
+            graph_failures.append(f"CUDA graphs against eager updates: losses differ by {loss_difference:.2e} (relative),"
+                                  f" weights by {weight_difference:.2e} (need < 1e-3 and < 1e-4)")
 
     print()
     print_runs_table(run_rows, args.device, num_envs, iterations)
@@ -454,10 +504,16 @@ def main():
         print(f"Multi-GPU placement runs ({placements}): skipped, {skipped_because}.\n")
     else:
         print(f"Multi-GPU placement runs ({placements}): the rows with those devices above.\n")
+    if graph_runs is None:
+        print(f"CUDA graphs (--cuda-graphs runs, and 16 V-updates replayed against eager ones): skipped, {graphs_skipped_because}.\n")
+    else:
+        print(f"CUDA graphs: the --cuda-graphs rows above; 16 V-updates and 8 P-updates at the default sizes replayed from graphs"
+              f" against the same updates run eagerly, same seed: summed losses differ by {loss_difference:.2e} (relative),"
+              f" weights by at most {weight_difference:.2e}: {'ok' if graph_ok else 'FAILED'}.\n")
     print_env_table(env_rows)
     print(f"\nWhole check: {time.time() - start:.0f} s; logs in {logdir}\n")
 
-    failures = all_failures(run_rows, env_rows)
+    failures = all_failures(run_rows, env_rows) + graph_failures
     if failures:
         print(f"FAILED: {len(failures)} check(s):")
         for failure in failures:

@@ -143,7 +143,7 @@ class Learners:
             raise ValueError("CUDA graphs need --device cuda")
         self.actor_optimizer = pql.make_optimizer(self.actor.parameters(), args.actor_lr, capturable=path == "graphs")
         self.critic_optimizer = pql.make_optimizer(self.critic.parameters(), args.critic_lr, capturable=path == "graphs")
-        stats = {name: torch.zeros((), device=device) for name in
+        stats = self.stats = {name: torch.zeros((), device=device) for name in
                  ["critic_loss", "q_mean", "outside_support", "critic_nonfinite", "actor_loss", "actor_nonfinite"]}
         v_step, p_step = (torch.compile(pql.v_learner_step), torch.compile(pql.p_learner_step)) if path == "compile" else (
             pql.v_learner_step, pql.p_learner_step)
