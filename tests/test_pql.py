@@ -292,6 +292,38 @@ def test_fast_updates_match_the_code_before_them(distributional):
     assert not torch.equal(fast["actor"].net[0].weight, start_actor_weight)  # the updates did change the networks
 
 
+def test_compile_flag_compiles_both_learner_steps_and_keeps_their_results(monkeypatch, tmp_path):
+    """--compile hands v_learner_step and p_learner_step to torch.compile. Here the compiler's
+    backend is "eager" (TorchDynamo captures the steps and runs its captured graphs without code
+    generation: seconds instead of a minute), so the run must end with the same weights as one
+    without the flag, to the bit: what TorchDynamo captures (the in-place statistics, the random
+    draws, the sampling window) is what the steps do. Inductor's own code (the real --compile) is
+    timed and checked by benchmarks/update_speed.py; it draws its random numbers its own way."""
+    monkeypatch.chdir(tmp_path)
+    real_compile, compiled = torch.compile, []
+
+    def compile_with_the_eager_backend(function, **options):
+        compiled.append(function.__name__)
+        return real_compile(function, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_with_the_eager_backend)
+    checkpoints = []
+    for compile_steps in [False, True]:
+        torch.manual_seed(0)
+        args = make_args(num_envs=8, buffer_size=4000, warmup_iterations=2, total_timesteps=8 * 12, log_interval=50, eval_envs=0,
+                         compile=compile_steps, exp_name=f"compile-{compile_steps}", device="cpu")
+        env = pql.envs.make_env("Pendulum", 8, device=torch.device("cpu"), seed=0)
+        assert pql.train(args, env, None, torch.device("cpu")) == 0
+        (path,) = glob.glob(f"runs/*compile-{compile_steps}*/model.pt")
+        checkpoints.append(torch.load(path, weights_only=False))
+    assert compiled == ["v_learner_step", "p_learner_step"]
+    for part in ["actor", "critic", "critic_target"]:
+        for name, value in checkpoints[0][part].items():
+            assert torch.equal(value, checkpoints[1][part][name]), f"{part}.{name}"
+    critic, critic_target = checkpoints[1]["critic"], checkpoints[1]["critic_target"]
+    assert not torch.equal(critic["q_heads.weights.0"], critic_target["q_heads.weights.0"])  # updates ran (they start equal)
+
+
 # ---------------------------------------------------------------------------------------------
 # The script as users run it
 # ---------------------------------------------------------------------------------------------
