@@ -106,7 +106,7 @@ def collect(logdir):
 
 def print_table(rows, header):
     print(header + "\n")
-    print("| script | num_envs | batch | iterations timed | s per iteration | env steps/s | V-updates/s | V-updates per iteration | cost per iteration vs 256 envs |")
+    print("| script | num_envs | batch | iterations timed | s per iteration | env steps/s | V-updates/s | V-updates per iteration | cost per iteration vs the fewest envs |")
     print("|---|---|---|---|---|---|---|---|---|")
     base = {r["script"]: r["seconds_per_iteration"] for r in rows if r["num_envs"] == min(x["num_envs"] for x in rows)}
     for r in rows:
