@@ -738,7 +738,7 @@ def capture_cuda_graph(step, state, optimizer, device):
     changes) and the optimizer are put back afterwards, in place: the run starts where it was.
     """
     with torch.cuda.device(device):
-        saved = [tensor.clone() for tensor in state]
+        saved = [tensor.detach().clone() for tensor in state]
         side_stream = torch.cuda.Stream()
         side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side_stream):
