@@ -75,6 +75,48 @@ def test_nstep_returns_match_brute_force(nstep, steps):
         assert discount[i].item() == pytest.approx(expected_discount, abs=1e-6)
 
 
+def test_hopper_falls_end_nstep_windows_without_bootstrapping():
+    """Terminations as learning sees them: gym:Hopper-v5 (Gymnasium's MuJoCo task, which ends an
+    episode when the hopper falls) under random actions, its transitions written into PQL's buffer
+    as the scripts write them. Every window that reaches a fall stops there with discount 0; a
+    fall's final observation is the fallen state (Hopper's health rule: torso angle beyond +-0.2
+    rad or height below 0.7) and the next row starts a new, upright episode."""
+    num_envs, steps, gamma = 4, 120, 0.99
+    env = pql.envs.make_env("gym:Hopper-v5", num_envs, seed=0)
+    buffer = pql.ReplayBuffer(num_envs, steps, env.obs_dim, env.act_dim, torch.device("cpu"))
+    history = [[] for _ in range(num_envs)]
+    obs, generator = env.reset(), torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        actions = torch.rand(num_envs, env.act_dim, generator=generator) * 2 - 1
+        next_obs, rewards, terminated, truncated, info = env.step(actions)
+        buffer.add(obs, actions, rewards, info["final_obs"], terminated, truncated, info["valid"])
+        for e in range(num_envs):
+            history[e].append(dict(obs=obs[e].numpy(), reward=rewards[e].item(), next_obs=info["final_obs"][e].numpy(),
+                                   terminated=bool(terminated[e]), ended=bool(terminated[e] | truncated[e])))
+        obs = next_obs
+    falls = [(e, t) for e in range(num_envs) for t in range(steps) if history[e][t]["terminated"]]
+    assert len(falls) >= 10  # random actions topple the hopper within tens of steps
+    for e, t in falls:
+        height, angle = history[e][t]["next_obs"][:2]
+        assert height < 0.7 or abs(angle) > 0.2  # the final observation is the fallen state ...
+        if t + 1 < steps:
+            height, angle = history[e][t + 1]["obs"][:2]
+            assert height > 0.7 and abs(angle) < 0.2  # ... and the next row a fresh, upright start
+    env_index = torch.arange(num_envs).repeat_interleave(steps)
+    age = torch.arange(steps).repeat(num_envs)
+    start = (buffer.pos - 1 - age) % steps
+    _, _, n_step_reward, bootstrap_obs, discount, _ = buffer.gather(env_index, start, age, 3, gamma)
+    windows_into_a_fall = 0
+    for i in range(len(env_index)):
+        rows, first = history[env_index[i]], steps - 1 - age[i].item()
+        expected_reward, expected_next_obs, expected_discount = brute_force_nstep(rows, first, 3, gamma)
+        assert n_step_reward[i].item() == pytest.approx(expected_reward, rel=1e-5, abs=1e-5)
+        assert bootstrap_obs[i].numpy() == pytest.approx(expected_next_obs, abs=1e-6)
+        assert discount[i].item() == pytest.approx(expected_discount, abs=1e-7)
+        windows_into_a_fall += expected_discount == 0.0
+    assert windows_into_a_fall >= 2 * len(falls)  # most falls are reached by the windows of 3 rows
+
+
 def test_sampling_only_returns_written_rows():
     num_envs, capacity = 4, 50
     buffer = pql.ReplayBuffer(num_envs, capacity, 1, 1, torch.device("cpu"))
