@@ -20,6 +20,7 @@ the gap between what the updates do and what they could do shows.
     python benchmarks/update_speed.py                       # quick start and default sizes, CPU
     python benchmarks/update_speed.py --device cuda --paths before eager graphs
     python benchmarks/update_speed.py --paths before eager compile
+    python benchmarks/update_speed.py --sizes quick-start --paths eager --profile   # where the time goes
 """
 import copy
 import functools
@@ -63,6 +64,8 @@ class Args:
     """seconds of timed iterations per path and size (after warm-up), split into 5 turns"""
     seed: int = 0
     """seed of the networks and the random transitions"""
+    profile: bool = False
+    """after the table, torch.profiler's ops with the most self time in 5 iterations of each path and size"""
 
 
 def synchronize(device):
@@ -225,6 +228,15 @@ def main():
             speed_up = f"{elapsed['before'] / iterations['before'] / iteration_s:.2f}x" if "before" in paths else "-"
             print(f"| {size} | {path} | {rate(V_UPDATES / iteration_s)} | {rate(P_UPDATES / iteration_s)} | {1000 * iteration_s:.1f} |"
                   f" {1000 * limit:.2f} | {iteration_s / limit:.0f} | {speed_up} |")
+        if args.profile:
+            for path, learners in paths.items():
+                with torch.profiler.profile() as profiler:
+                    for _ in range(5):
+                        learners.iteration()
+                    synchronize(device)
+                print(f"\n# {size}, {path}: the ops with the most self time over 5 iterations\n")
+                print(profiler.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                                                    row_limit=12))
     return 0
 
 
