@@ -278,3 +278,12 @@ def test_update_speed_counts_flops_and_times_each_path():
     assert [row.split(" | ")[1] for row in rows] == ["before", "eager"], out  # before: pql.py from git history
     assert "path graphs unavailable here: CUDA graphs need --device cuda" in out
     assert rows[0].endswith("| 1.00x |") and float(rows[0].split(" | ")[2].replace(",", "")) > 0
+
+
+def test_gym_speed_times_every_path_and_the_adapters_share():
+    out = run_script("gym_speed.py", "--tasks", "Hopper-v5", "--num-envs", "2", "--steps", "20", "--repeats", "1")
+    (row,) = table_rows(out, "Hopper-v5 | 2 |")
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    rates = [float(cell.replace(",", "")) for cell in cells[2:6]]  # single, sync, async, adapter
+    assert all(rate > 0 for rate in rates), row
+    assert abs(float(cells[6].rstrip("%")) - 100 * (1 - rates[3] / rates[1])) <= 1, row  # 1 - adapter / sync, from the rates shown
