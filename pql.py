@@ -169,6 +169,7 @@ def validate_args(args):
         (0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
         (0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
         (args.pre_tanh_bound > 0.0, f"--pre-tanh-bound must be > 0 (inf: no penalty), got {args.pre_tanh_bound}"),
+        (not (args.compile and args.cuda_graphs), "--compile and --cuda-graphs together are not supported yet: pick one"),
         (args.critic_lr > 0, "--critic-lr must be > 0"),
         (args.actor_lr > 0, "--actor-lr must be > 0"),
         (args.max_grad_norm > 0, "--max-grad-norm must be > 0"),
@@ -734,11 +735,13 @@ def capture_cuda_graph(step, state, optimizer, device):
     replay buffer and its sampling window) and only the values there change.
 
     Capture needs a few eager calls first, on a side stream: they create cuBLAS handles, the
-    optimizer's state and autograd's buffers. They also train, so `state` (the tensors the step
-    changes) and the optimizer are put back afterwards, in place: the run starts where it was.
+    optimizer's state and autograd's buffers. They also train and draw random numbers, so `state`
+    (the tensors the step changes), the optimizer and the GPU's random generator are put back
+    afterwards, in place: the run starts where it was.
     """
     with torch.cuda.device(device):
         saved = [tensor.detach().clone() for tensor in state]
+        random_state = torch.cuda.get_rng_state(device)
         side_stream = torch.cuda.Stream()
         side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side_stream):
@@ -746,7 +749,9 @@ def capture_cuda_graph(step, state, optimizer, device):
                 step()
         torch.cuda.current_stream().wait_stream(side_stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # Captured on this call's own side stream: cuBLAS keeps a workspace per stream, and two
+        # graphs captured on one stream would share it even when replayed concurrently.
+        with torch.cuda.graph(graph, stream=side_stream):
             step()
         with torch.no_grad():
             for tensor, value in zip(state, saved):
@@ -754,6 +759,7 @@ def capture_cuda_graph(step, state, optimizer, device):
             for param_state in optimizer.state.values():  # as before the first step: no moments, step 0
                 for value in param_state.values():
                     value.zero_()
+        torch.cuda.set_rng_state(random_state, device)  # each replay draws on from the generator's state
     return graph.replay
 
 

@@ -445,6 +445,8 @@ def test_same_seed_gives_identical_returns_on_cpu(tmp_path):
     (["--eval-checkpoint", "no/such/model.pt"], "--eval-checkpoint"),
     (["--eval-envs", "-1"], "--eval-envs"),
     (["--pre-tanh-bound", "0"], "--pre-tanh-bound"),
+    (["--cuda-graphs"], "--cuda-graphs records CUDA graphs: it needs --device cuda"),  # on the CPU
+    (["--cuda-graphs", "--compile"], "--compile and --cuda-graphs together are not supported yet"),
     (["--task", "isaacgym:Ant", "--eval-envs", "2"], "--eval-envs must be 0 for isaacgym"),
 ])
 def test_bad_flags_fail_before_any_work_naming_the_flag(tmp_path, monkeypatch, capsys, flags, message):
