@@ -1012,6 +1012,30 @@ class SharedReplay:
             self.buffer.fill_window(window)
 
 
+class OneGraphAtATime:
+    """With --cuda-graphs, replays the learners' graphs one after the other on the GPU.
+
+    Both graphs draw random numbers from the GPU's default generator, whose seed and offset a
+    replay sets on its own stream just before it runs: two graphs running at once on two streams
+    could read each other's (docs/gpu.md). So each replay's stream first waits for the previous
+    replay, by either learner, to finish. The learners' threads still run side by side, each
+    update is still one launch, and no host ever waits for the GPU.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()  # orders the replays' launches, so "previous" is well defined
+        self.last_replay = torch.cuda.Event()
+
+    def wrap(self, replay):
+        def replay_after_the_previous_one():
+            with self.lock:
+                stream = torch.cuda.current_stream()
+                stream.wait_event(self.last_replay)  # returns at once while the event was never recorded
+                replay()
+                self.last_replay.record(stream)
+        return replay_after_the_previous_one
+
+
 def run_role(coordinator, role, *role_args):
     """Thread body: run a role; on any exception stop every role and keep it for the main thread."""
     try:
@@ -1108,6 +1132,8 @@ def train(args, env, eval_env, devices):
         p_window.fill_(1)
         v_step = capture_cuda_graph(v_step, [*critic.parameters(), *critic_target.parameters(), *v_stats.values()], critic_optimizer, v_device)
         p_step = capture_cuda_graph(p_step, [*actor.parameters(), *p_stats.values()], actor_optimizer, p_device)
+        one_at_a_time = OneGraphAtATime()
+        v_step, p_step = one_at_a_time.wrap(v_step), one_at_a_time.wrap(p_step)
 
     threads = [
         threading.Thread(target=run_role, name="v-learner", daemon=True, args=(
