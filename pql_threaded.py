@@ -26,6 +26,7 @@ import sys
 if any("isaacgym:" in arg for arg in sys.argv):
     import isaacgym  # noqa: F401
 
+import argparse
 import contextlib
 import copy
 import dataclasses
@@ -106,7 +107,7 @@ class Args:
     obs_clip: float = 5.0
     """normalized observations are clamped to +- this"""
     reward_scale: Optional[float] = None
-    """rewards are multiplied by this before learning; default: per task (see DEFAULT_REWARD_SCALES), else 1"""
+    """rewards are multiplied by this before learning; default: the task's (TASK_DEFAULTS), else 1"""
     timeouts_as_terminal: bool = False
     """treat time-limit ends as terminal (the public code's behaviour) instead of bootstrapping through them"""
     distributional: bool = False
@@ -147,26 +148,43 @@ class Args:
     """updates between a learner's publishing of its networks to the other roles (iterations for the actor's obs statistics)"""
 
 
-# Per-task reward scales (--reward-scale overrides them). With gamma = 0.99 returns are ~100x the
-# per-step reward; these keep them within PQL-D's default support [-10, 10] and the scalar critic's
-# values in a sane range. The Isaac Gym ones are the public code's.
-DEFAULT_REWARD_SCALES = {
-    "Pendulum": 0.01,  # rewards in [-16.3, 0] per step
-    "CartpoleSwingup": 0.1,  # rewards in [0, 1]
-    "Reacher": 0.1,  # rewards ~ -(distance + control) >= -0.6
-    "isaacgym:Ant": 0.01,
-    "isaacgym:Humanoid": 0.01,
-    "isaacgym:AllegroHand": 0.01,
-    "isaacgym:ShadowHand": 0.01,
-    "isaacgym:FrankaCubeStack": 0.1,
-    "isaacgym:BallBalance": 0.1,
-    "isaacgym:Anymal": 1.0,
+# Settings per task: they replace Args' defaults above whenever --task names the task (parse_args);
+# a flag given on the command line still wins. Reward scales: with gamma = 0.99 returns are ~100x the
+# per-step reward; the scales keep them within PQL-D's default support [-10, 10] and the scalar
+# critic's values in a sane range (the Isaac Gym ones are the public code's). Gymnasium's MuJoCo
+# tasks simulate on the CPU, one env after another, so there the learners' updates set the pace:
+# 16 envs (8 V-updates of batch 256 per 16 env steps, half as many updates per env step as TD3),
+# TD3's networks (256-256) and buffer, 10,000 random env steps first; chosen by measurement on a
+# 2-core CPU (docs/environments.md#settings-for-the-mujoco-tasks).
+TASK_DEFAULTS = {
+    "Pendulum": dict(reward_scale=0.01),  # rewards in [-16.3, 0] per step
+    "CartpoleSwingup": dict(reward_scale=0.1),  # rewards in [0, 1]
+    "Reacher": dict(reward_scale=0.1),  # rewards ~ -(distance + control) >= -0.6
+    "gym:HalfCheetah-v5": dict(num_envs=16, batch_size=256, hidden_dims=(256, 256), buffer_size=1_000_000,
+                               warmup_iterations=625, reward_scale=0.01),  # rewards ~ -1 to 12 per step
+    "gym:Hopper-v5": dict(num_envs=16, batch_size=256, hidden_dims=(256, 256), buffer_size=1_000_000,
+                          warmup_iterations=625, reward_scale=0.01),  # rewards ~ 0 to 4 per step, until it falls
+    "isaacgym:Ant": dict(reward_scale=0.01),
+    "isaacgym:Humanoid": dict(reward_scale=0.01),
+    "isaacgym:AllegroHand": dict(reward_scale=0.01),
+    "isaacgym:ShadowHand": dict(reward_scale=0.01),
+    "isaacgym:FrankaCubeStack": dict(reward_scale=0.1),
+    "isaacgym:BallBalance": dict(reward_scale=0.1),
+    "isaacgym:Anymal": dict(reward_scale=1.0),
 }
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    """The command line's Args, on top of the defaults of the task it names (TASK_DEFAULTS)."""
+    task_flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    task_flag.add_argument("--task", default=Args.task)
+    task = task_flag.parse_known_args(argv)[0].task
+    return tyro.cli(Args, args=argv, default=Args(**TASK_DEFAULTS.get(task, {})))
+
+
 def validate_args(args):
     """Fail before any work starts, naming the flag and the allowed values."""
     checks = [
@@ -1082,7 +1100,7 @@ def train(args, env, eval_env, devices):
     # The loop below watches for non-finite values itself and reports the step where they appeared;
     # the env's own check of the actions would stop it one step later, and costs a host sync.
     env.check_finite_actions = False
-    reward_scale = args.reward_scale if args.reward_scale is not None else DEFAULT_REWARD_SCALES.get(args.task, 1.0)
+    reward_scale = args.reward_scale if args.reward_scale is not None else TASK_DEFAULTS.get(args.task, {}).get("reward_scale", 1.0)
     capacity = args.buffer_size // args.num_envs
     writer, checkpoint_path = start_run(args, reward_scale)
 
@@ -1291,7 +1309,7 @@ def resolve_role_devices(args, device):
 
 
 def main():
-    args = tyro.cli(Args)
+    args = parse_args()
     signal.signal(signal.SIGTERM, raise_terminated)
     # Everything that can be wrong with the input is checked here, before any work starts.
     try:

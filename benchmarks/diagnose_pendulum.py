@@ -57,7 +57,7 @@ def load(path):
     critic.load_state_dict(checkpoint["critic"])
     normalizer = pql.ObsNormalizer(env.obs_dim, trained.obs_clip, "cpu")
     normalizer.load_state_dict(checkpoint["obs_normalizer"])
-    reward_scale = trained.reward_scale if trained.reward_scale is not None else pql.DEFAULT_REWARD_SCALES["Pendulum"]
+    reward_scale = trained.reward_scale if trained.reward_scale is not None else pql.TASK_DEFAULTS["Pendulum"]["reward_scale"]
     return {"name": path, "actor": actor, "critic": critic, "normalizer": normalizer, "reward_scale": reward_scale,
             "gamma": trained.gamma}
 

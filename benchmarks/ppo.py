@@ -20,7 +20,7 @@ schedule, desired KL 0.01, entropy coefficient 0.005, gamma 0.99, lambda 0.95, v
 coefficient 1 with value clipping, max grad norm 1, Gaussian policy with learned state-independent
 std starting at 1.0, ELU MLPs of the same sizes as PQL's networks for the task (see
 solve_times.TASKS), and observation normalization (PQL normalizes observations too). Rewards are
-multiplied by the same per-task scale as PQL's (`pql.DEFAULT_REWARD_SCALES`): rsl_rl does not
+multiplied by the same per-task scale as PQL's (`pql.TASK_DEFAULTS`): rsl_rl does not
 normalize rewards, and its value clipping (0.2 per update) is made for values of order 1, which
 raw Pendulum returns (about -1000) are not.
 
@@ -56,7 +56,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import envs  # noqa: E402
-from pql import DEFAULT_REWARD_SCALES  # noqa: E402
+from pql import TASK_DEFAULTS  # noqa: E402
 from solve_times import TASKS  # noqa: E402
 
 from rsl_rl.env import VecEnv  # noqa: E402
@@ -191,7 +191,7 @@ def main(argv=None):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     hidden_dims = args.hidden_dims or pql_hidden_dims(args.task)
-    reward_scale = args.reward_scale if args.reward_scale is not None else DEFAULT_REWARD_SCALES.get(args.task, 1.0)
+    reward_scale = args.reward_scale if args.reward_scale is not None else TASK_DEFAULTS.get(args.task, {}).get("reward_scale", 1.0)
     env = envs.make_env(args.task, args.num_envs, device=args.device, seed=args.seed)
     env.check_finite_actions = False  # rsl_rl checks the observations for NaN itself
     vec_env = RslRlVecEnv(env, reward_scale)

@@ -1,6 +1,7 @@
 """Tests of pql.py: the parts against independent references, then the script as users run it."""
 import copy
 import glob
+import importlib
 import os
 import signal
 import subprocess
@@ -573,3 +574,23 @@ def learned_mean_return(script, extra_flags, tmp_path):
 def test_learns_pendulum(pql_pendulum_returns):
     """The deterministic policy must swing the pendulum up (random: about -1250; solved: -150 to -200)."""
     assert pql_pendulum_returns["scalar"] > -400
+
+
+@pytest.mark.parametrize("script", ["pql", "pql_threaded"])
+def test_task_defaults_apply_when_the_task_is_named_and_flags_still_win(script):
+    """`--task gym:Hopper-v5` alone gives the settings of TASK_DEFAULTS for it; a flag on the command
+    line wins even when it repeats Args' own default; other tasks keep Args' defaults."""
+    module = importlib.import_module(script)
+    hopper = module.TASK_DEFAULTS["gym:Hopper-v5"]
+    for argv in (["--task", "gym:Hopper-v5"], ["--task=gym:Hopper-v5", "--seed", "3"]):
+        args = module.parse_args(argv)
+        assert all(getattr(args, name) == value for name, value in hopper.items()), argv
+    assert hopper["num_envs"] != 4096 and module.Args().num_envs == 4096
+    args = module.parse_args(["--task", "gym:Hopper-v5", "--num-envs", "4096", "--reward-scale", "0.5"])
+    assert (args.num_envs, args.reward_scale, args.batch_size) == (4096, 0.5, hopper["batch_size"])
+    plain = module.parse_args(["--task", "Reacher"])
+    assert (plain.num_envs, plain.hidden_dims, plain.reward_scale) == (4096, (512, 256, 128), 0.1)
+    # Every entry names flags that exist, with values the flag checks accept.
+    for task, settings in module.TASK_DEFAULTS.items():
+        assert set(settings) <= set(module.Args.__dataclass_fields__), task
+        module.validate_args(module.parse_args(["--task", task]))
