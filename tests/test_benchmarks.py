@@ -287,3 +287,53 @@ def test_gym_speed_times_every_path_and_the_adapters_share():
     rates = [float(cell.replace(",", "")) for cell in cells[2:6]]  # single, sync, async, adapter
     assert all(rate > 0 for rate in rates), row
     assert abs(float(cells[6].rstrip("%")) - 100 * (1 - rates[3] / rates[1])) <= 1, row  # 1 - adapter / sync, from the rates shown
+
+
+def write_scalars(run_dir, points):
+    """A TensorBoard log with the given {tag: [(step, value), ...]}."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir))
+    for tag, values in points.items():
+        for step, value in values:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_the_curves(tmp_path, capsys):
+    import gym_mujoco
+    import pql
+
+    # One run's TensorBoard log to result line: PQL's return is its deterministic policy's (eval/),
+    # seconds are env steps over the SPS logged at (or last before) each point.
+    write_scalars(tmp_path / "pql_1", {
+        "eval/episodic_return": [(50_000, 100.0), (96_000, 200.0), (104_000, 300.0), (192_000, 400.0), (240_000, 500.0)],
+        "charts/episodic_return": [(96_000, 20.0), (200_000, 40.0), (240_000, 50.0)],
+        "charts/SPS": [(48_000, 500.0), (96_000, 300.0), (200_000, 250.0), (240_000, 240.0)]})
+    pql_1 = gym_mujoco.result_line(str(tmp_path / "pql_1"), "pql", "gym:Hopper-v5", 1, 1500.0, "cpu", "pql.py ...")
+    assert pql_1["returns"][:2] == [(50_000, 100.0, 100.0), (96_000, 320.0, 200.0)]
+    assert (pql_1["env_steps"], pql_1["env_steps_per_s"], pql_1["training_returns"][1][2]) == (240_000, 240.0, 40.0)
+    # A second seed that stops at 150k env steps counts at 100k, not at 200k; PPO's return is its training return.
+    pql_2 = dict(pql_1, seed=2, returns=[(80_000, 400.0, 600.0), (150_000, 1000.0, 700.0)],
+                 training_returns=[(80_000, 400.0, 60.0), (150_000, 1000.0, 70.0)], env_steps=150_000, env_steps_per_s=150.0)
+    write_scalars(tmp_path / "ppo_1", {"charts/episodic_return": [(99_840, 30.0), (199_680, 90.0), (3_000_000, 1500.0)],
+                                       "charts/SPS": [(99_840, 2000.0), (199_680, 2000.0), (3_000_000, 2000.0)]})
+    ppo_1 = gym_mujoco.result_line(str(tmp_path / "ppo_1"), "ppo", "gym:Hopper-v5", 1, 1500.0, "cpu", "benchmarks/ppo.py ...")
+    other_budget = dict(ppo_1, budget=60.0, returns=[(100, 0.1, -1e6)])
+    row = gym_mujoco.summarize([pql_1, pql_2, ppo_1], ["gym:Hopper-v5"], ["pql", "ppo"])["gym:Hopper-v5", "pql"]
+    assert row["runs"] == 2 and row["returns", 100_000] == 400.0 and row["returns", 200_000] == 400.0
+    assert row["returns", "end"] == 600.0 and row["training_returns", 100_000] == 40.0
+    assert row["steps"] == 195_000 and row["sps"] == 195.0 and row["seconds"] == 1000.0
+
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in [pql_1, pql_2, ppo_1, other_budget]))
+    gym_mujoco.main(["--no-run", "--results", str(results), "--figures", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| gym:Hopper-v5 | pql.py | 2 | 400 (40) | 400 (40) | 600 (60) | 195,000 | 195 | 1000 |" in out
+    assert "| gym:Hopper-v5 | PPO (rsl_rl) | 1 | 30 | 90 | 1500 | 3,000,000 | 2,000 | 1500 |" in out  # not the 60 s run
+    assert "| gym:Hopper-v5 | TD3, paper (v1) | | 660 ± 752 | 2441 ± 746 | 3391 ± 378 | 1,000,000 | | |" in out
+    assert (tmp_path / "mujoco_Hopper.png").stat().st_size > 10_000
+    # PQL's runs take the task's settings from pql.TASK_DEFAULTS, which their command does not repeat.
+    command = gym_mujoco.command_for("pql", "gym:Hopper-v5", 1, "cpu", 1500.0)
+    assert "--num-envs" not in command
+    assert pql.parse_args(command[2:]).num_envs == pql.TASK_DEFAULTS["gym:Hopper-v5"]["num_envs"]
