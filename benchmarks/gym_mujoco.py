@@ -51,8 +51,9 @@ PPO_FLAGS = ["--num-envs", "64", "--hidden-dims", "256", "256"]
 METHODS = {"pql": ["pql.py"], "pql_threaded": ["pql_threaded.py"], "ppo": ["benchmarks/ppo.py", *PPO_FLAGS]}
 LABELS = {"pql": "pql.py", "pql_threaded": "pql_threaded.py", "ppo": "PPO (rsl_rl)"}
 COLORS = {"pql": "tab:blue", "pql_threaded": "tab:green", "ppo": "tab:red"}
-# Training seconds per run: 30 minutes, in which pql.py gets past 200,000 env steps on a 2-core CPU
-# (22 to 26 minutes there, `--speed`), so that every method's return at 200k is in the table.
+# Training seconds per run: 30 minutes, in which pql.py should get past 200,000 env steps on a 2-core
+# CPU (22 to 26 minutes there by `--speed`, which runs no evaluation envs), so that the table has its
+# return at 200k; a run that ends short of a milestone is left out of that cell, which says so.
 DEFAULT_BUDGET = 1800.0
 MILESTONES = (100_000, 200_000)  # env steps at which the table compares returns
 
@@ -67,7 +68,7 @@ PUBLISHED = {
         "PPO, Tianshou (v3)": {100_000: (1027, 342), 200_000: (2704, 737), 1_013_760: (5650, 1226)},
     },
     "gym:Hopper-v5": {
-        "TD3, paper (v1)": {100_000: (660, 752), 200_000: (2441, 746), 1_000_000: (3391, 378)},
+        "TD3, paper (v1)": {100_000: (659, 752), 200_000: (2441, 746), 1_000_000: (3391, 378)},
         "TD3, Tianshou (v3)": {100_000: (597, 288), 200_000: (887, 649), 1_000_000: (3133, 772)},
         "SAC, Tianshou (v3)": {100_000: (2613, 991), 200_000: (3234, 314), 1_000_000: (3532, 43)},
         "PPO, Tianshou (v3)": {100_000: (377, 44), 200_000: (528, 128), 1_013_760: (2483, 852)},
@@ -112,7 +113,7 @@ def curve(run_dir, tag):
     return points
 
 
-def result_line(run_dir, method, task, seed, budget, device, command):
+def result_line(run_dir, method, task, seed, budget, device, command, commit, machine):
     """What the results file keeps of a finished run: its curves, how far and how fast it got."""
     sps = read_scalars(run_dir, "charts/SPS")
     return {
@@ -121,29 +122,33 @@ def result_line(run_dir, method, task, seed, budget, device, command):
         "returns": curve(run_dir, "charts/episodic_return" if method == "ppo" else "eval/episodic_return"),
         "training_returns": curve(run_dir, "charts/episodic_return"),
         "env_steps": sps[-1][0] if sps else 0, "env_steps_per_s": sps[-1][1] if sps else None,
-        "date": str(datetime.date.today()), "machine": machine_description(device), "commit": code_version(),
+        "date": str(datetime.date.today()), "machine": machine, "commit": commit,
     }
 
 
 def train(method, task, seed, device, budget, logdir):
-    """One training run in a subprocess, in logdir/runs; returns its result line. Runs as a Ray task
-    (benchmarks/grid.py); a folder left by an unfinished attempt is removed first."""
-    pattern = os.path.join(logdir, "runs", f"{task.replace(':', '-')}__{method}__{seed}__*")
+    """One training run in a subprocess, in logdir/{budget}s_{device}/runs; returns its result line.
+    Runs as a Ray task (benchmarks/grid.py); a folder left by an unfinished attempt is removed first."""
+    folder = os.path.join(logdir, f"{budget:g}s_{device}")
+    os.makedirs(folder, exist_ok=True)
+    pattern = os.path.join(folder, "runs", f"{task.replace(':', '-')}__{method}__{seed}__*")
     for stale in glob.glob(pattern):
         shutil.rmtree(stale)
     command = command_for(method, task, seed, device, budget)
-    result = grid.run_process(command, cwd=logdir)
+    commit, machine = code_version(), machine_description(device)  # before the run: the code it starts with
+    result = grid.run_process(command, cwd=folder)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with code {result.returncode}:\n{result.stderr[-3000:]}")
     (run_dir,) = glob.glob(pattern)
-    return result_line(run_dir, method, task, seed, budget, device, " ".join(command[1:]).replace(REPO + "/", ""))
+    return result_line(run_dir, method, task, seed, budget, device, " ".join(command[1:]).replace(REPO + "/", ""), commit, machine)
 
 
-def value_at(points, step):
-    """The last value logged at or before `step`, or None if the run never got that far."""
-    if not points or points[-1][0] < step:
+def value_at(run, name, step):
+    """The run's last `name` value logged at or before env step `step`, or None if the run ended
+    before that step (or logged none by then)."""
+    if run["env_steps"] < step:
         return None
-    before = [value for logged, _, value in points if logged <= step]
+    before = [value for logged, _, value in run[name] if logged <= step]
     return before[-1] if before else None
 
 
@@ -156,7 +161,8 @@ def summarize(results, tasks, methods):
             row = {"runs": len(runs)}
             for name in ("returns", "training_returns"):
                 for milestone in MILESTONES:
-                    row[name, milestone] = mean([v for v in (value_at(r[name], milestone) for r in runs) if v is not None])
+                    values = [v for v in (value_at(r, name, milestone) for r in runs) if v is not None]
+                    row[name, milestone], row["count", milestone] = mean(values), len(values)
                 row[name, "end"] = mean([r[name][-1][2] for r in runs if r[name]])
             row["steps"] = mean([r["env_steps"] for r in runs])
             row["sps"] = mean([r["env_steps_per_s"] for r in runs if r["env_steps_per_s"]])
@@ -179,6 +185,8 @@ def print_table(rows, tasks, methods, header):
                 cell = fmt(r["returns", key], ".0f")
                 if method != "ppo":
                     cell += f" ({fmt(r['training_returns', key], '.0f')})"
+                if key != "end" and 0 < r["count", key] < r["runs"]:
+                    cell += f" [{r['count', key]} of {r['runs']} runs]"  # the others ended before this step
                 cells.append(cell)
             print(f"| {task} | {LABELS[method]} | {r['runs']} | " + " | ".join(cells) +
                   f" | {fmt(r['steps'], ',.0f')} | {fmt(r['sps'], ',.0f')} | {fmt(r['seconds'], '.0f')} |")
@@ -188,7 +196,8 @@ def print_table(rows, tasks, methods, header):
             print(f"| {task} | {algorithm} | | " + " | ".join(cells) +
                   f" | {returns[final][0]:.0f} ± {returns[final][1]:.0f} | {final:,} | | |")
     print("\nReturns are means over the runs (PQL: its deterministic policy, with the training return in"
-          " brackets; PPO: its training return); published rows: mean ± std over their seeds.")
+          " brackets; PPO: its training return), each the last logged at or before that env step; env steps/s"
+          " over the whole run, warm-up and evaluation envs included; published rows: mean ± std over their seeds.")
     for source in PUBLISHED_SOURCES:
         print(f"- {source}")
 
@@ -253,7 +262,7 @@ def speed(task, candidates, device, seconds=45.0):
     import pql
 
     print(f"pql.py on {task}, {machine_description(device)}; env steps/s once learning runs, {seconds:g} s per setting\n")
-    print("| flags on top of the task's defaults | V-updates per env step | transitions sampled per env step | env steps/s | minutes to 200k env steps |")
+    print("| flags on top of the task's defaults | V-updates per env step | transitions the V-learner samples per env step | env steps/s | minutes to 200k env steps |")
     print("|---|---|---|---|---|")
     for flags in candidates:
         settings = pql.parse_args(["--task", task, *flags.split()])
@@ -289,20 +298,34 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.budget <= 0:
         parser.error(f"--budget must be > 0 seconds, got {args.budget:g}")
+    try:  # a device that cannot name a machine would fail only after the first run
+        machine_description(args.device)
+    except (RuntimeError, AssertionError) as error:
+        parser.error(f"--device {args.device!r} is not a device here ({error}); use cpu, or cuda or cuda:N on a machine with a GPU")
     if args.speed:
         for task in args.tasks:
             speed(task, SPEED_CANDIDATES, args.device)
         return
 
     def read_results():
-        if not os.path.isfile(args.results):
-            return []
-        with open(args.results) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        """The results file's runs, one per key (the latest); a line that does not parse (a write cut
+        short) is skipped with a warning."""
+        runs = {}
+        if os.path.isfile(args.results):
+            with open(args.results) as f:
+                for number, line in enumerate(f, 1):
+                    try:
+                        r = json.loads(line)
+                    except ValueError:
+                        print(f"warning: {args.results}:{number} is not a result line; skipped", file=sys.stderr)
+                        continue
+                    runs[run_key(r["task"], r["method"], r["seed"], r["budget"], r["device"])] = r
+        return list(runs.values())
 
     if not args.no_run:
         logdir = os.path.abspath(args.logdir)
         os.makedirs(logdir, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
         done = {run_key(r["task"], r["method"], r["seed"], r["budget"], r["device"]) for r in read_results()}
         jobs = [(run_key(task, method, seed, args.budget, args.device), train, (method, task, seed, args.device, args.budget, logdir))
                 for task in args.tasks for method in args.methods for seed in args.seeds
@@ -325,6 +348,9 @@ def main(argv=None):
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     dates = sorted({r["date"] for r in results})
     machines = sorted({r["machine"] for r in results})
+    commits = sorted({str(r["commit"]) for r in results})
+    if len(machines) > 1 or len(commits) > 1:
+        print(f"note: these runs come from {len(machines)} machine(s) and {len(commits)} commit(s): {', '.join(machines + commits)}")
     seeds = sorted({r["seed"] for r in results})
     about = (f"{'; '.join(machines)}, device {args.device}; {dates[0]}{' to ' + dates[-1] if len(dates) > 1 else ''};"
              f" {args.budget:g} training s per run; seeds {' '.join(map(str, seeds))}")

@@ -19,7 +19,7 @@ env per iteration, 5 epochs of 4 mini-batches, clip 0.2, Adam lr 1e-3 with the a
 schedule, desired KL 0.01, entropy coefficient 0.005, gamma 0.99, lambda 0.95, value loss
 coefficient 1 with value clipping, max grad norm 1, Gaussian policy with learned state-independent
 std starting at 1.0, ELU MLPs of the same sizes as PQL's networks for the task (see
-solve_times.TASKS), and observation normalization (PQL normalizes observations too). Rewards are
+solve_times.TASKS, else pql.TASK_DEFAULTS), and observation normalization (PQL normalizes observations too). Rewards are
 multiplied by the same per-task scale as PQL's (`pql.TASK_DEFAULTS`): rsl_rl does not
 normalize rewards, and its value clipping (0.2 per update) is made for values of order 1, which
 raw Pendulum returns (about -1000) are not.
@@ -77,10 +77,11 @@ def flag_values(flags, name):
 
 
 def pql_hidden_dims(task):
-    """The hidden layer sizes PQL uses for this task in the benchmarks (solve_times.TASKS), else PQL's default."""
+    """The hidden layer sizes PQL uses for this task: in the benchmarks' quick start (solve_times.TASKS),
+    else its settings for the task (pql.TASK_DEFAULTS), else PQL's default."""
     if task in TASKS and "--hidden-dims" in TASKS[task]["flags"]:
         return [int(v) for v in flag_values(TASKS[task]["flags"], "--hidden-dims")]
-    return [512, 256, 128]
+    return list(TASK_DEFAULTS.get(task, {}).get("hidden_dims", (512, 256, 128)))
 
 
 class RslRlVecEnv(VecEnv):
@@ -168,7 +169,7 @@ def parse_args(argv=None):
     parser.add_argument("--total-timesteps", type=int, default=10**9, help="budget of env steps, summed over envs")
     parser.add_argument("--max-time", type=float, default=3600.0, help="budget of training seconds")
     parser.add_argument("--hidden-dims", type=int, nargs="+", default=None,
-                        help="actor and critic hidden sizes; default: PQL's for the task (solve_times.TASKS)")
+                        help="actor and critic hidden sizes; default: PQL's for the task (solve_times.TASKS, else pql.TASK_DEFAULTS)")
     parser.add_argument("--reward-scale", type=float, default=None, help="default: PQL's per-task scale")
     parser.add_argument("--num-steps-per-env", type=int, default=24)
     parser.add_argument("--learning-rate", type=float, default=1e-3)

@@ -302,6 +302,7 @@ def write_scalars(run_dir, points):
 
 def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_the_curves(tmp_path, capsys):
     import gym_mujoco
+    import ppo
     import pql
 
     # One run's TensorBoard log to result line: PQL's return is its deterministic policy's (eval/),
@@ -309,31 +310,42 @@ def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_
     write_scalars(tmp_path / "pql_1", {
         "eval/episodic_return": [(50_000, 100.0), (96_000, 200.0), (104_000, 300.0), (192_000, 400.0), (240_000, 500.0)],
         "charts/episodic_return": [(96_000, 20.0), (200_000, 40.0), (240_000, 50.0)],
-        "charts/SPS": [(48_000, 500.0), (96_000, 300.0), (200_000, 250.0), (240_000, 240.0)]})
-    pql_1 = gym_mujoco.result_line(str(tmp_path / "pql_1"), "pql", "gym:Hopper-v5", 1, 1500.0, "cpu", "pql.py ...")
+        "charts/SPS": [(48_000, 500.0), (96_000, 300.0), (200_000, 250.0), (248_000, 240.0)]})
+    pql_1 = gym_mujoco.result_line(str(tmp_path / "pql_1"), "pql", "gym:Hopper-v5", 1, 1500.0, "cpu", "pql.py ...", "abc", "test machine")
     assert pql_1["returns"][:2] == [(50_000, 100.0, 100.0), (96_000, 320.0, 200.0)]
-    assert (pql_1["env_steps"], pql_1["env_steps_per_s"], pql_1["training_returns"][1][2]) == (240_000, 240.0, 40.0)
-    # A second seed that stops at 150k env steps counts at 100k, not at 200k; PPO's return is its training return.
+    assert (pql_1["env_steps"], pql_1["env_steps_per_s"], pql_1["training_returns"][1][2]) == (248_000, 240.0, 40.0)
+    # A second seed that ends at 150k env steps counts at 100k, not at 200k; a third ends at 203k, past
+    # 200k, though its last evaluation was at 190k: it counts there with that value.
     pql_2 = dict(pql_1, seed=2, returns=[(80_000, 400.0, 600.0), (150_000, 1000.0, 700.0)],
                  training_returns=[(80_000, 400.0, 60.0), (150_000, 1000.0, 70.0)], env_steps=150_000, env_steps_per_s=150.0)
+    pql_3 = dict(pql_1, seed=3, returns=[(90_000, 400.0, 900.0), (190_000, 900.0, 1000.0)],
+                 training_returns=[(90_000, 400.0, 90.0), (190_000, 900.0, 100.0)], env_steps=203_000, env_steps_per_s=200.0)
     write_scalars(tmp_path / "ppo_1", {"charts/episodic_return": [(99_840, 30.0), (199_680, 90.0), (3_000_000, 1500.0)],
                                        "charts/SPS": [(99_840, 2000.0), (199_680, 2000.0), (3_000_000, 2000.0)]})
-    ppo_1 = gym_mujoco.result_line(str(tmp_path / "ppo_1"), "ppo", "gym:Hopper-v5", 1, 1500.0, "cpu", "benchmarks/ppo.py ...")
+    ppo_1 = gym_mujoco.result_line(str(tmp_path / "ppo_1"), "ppo", "gym:Hopper-v5", 1, 1500.0, "cpu", "benchmarks/ppo.py ...",
+                                   "abc", "test machine")
     other_budget = dict(ppo_1, budget=60.0, returns=[(100, 0.1, -1e6)])
-    row = gym_mujoco.summarize([pql_1, pql_2, ppo_1], ["gym:Hopper-v5"], ["pql", "ppo"])["gym:Hopper-v5", "pql"]
-    assert row["runs"] == 2 and row["returns", 100_000] == 400.0 and row["returns", 200_000] == 400.0
-    assert row["returns", "end"] == 600.0 and row["training_returns", 100_000] == 40.0
-    assert row["steps"] == 195_000 and row["sps"] == 195.0 and row["seconds"] == 1000.0
+    row = gym_mujoco.summarize([pql_1, pql_2, pql_3, ppo_1], ["gym:Hopper-v5"], ["pql", "ppo"])["gym:Hopper-v5", "pql"]
+    assert row["runs"] == 3 and row["returns", 100_000] == pytest.approx((200 + 600 + 900) / 3)  # logged at 96k, 80k, 90k
+    assert row["returns", 200_000] == (400 + 1000) / 2 and (row["count", 100_000], row["count", 200_000]) == (3, 2)
+    assert row["returns", "end"] == pytest.approx((500 + 700 + 1000) / 3)
+    assert row["training_returns", 100_000] == pytest.approx((20 + 60 + 90) / 3)
 
     results = tmp_path / "results.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in [pql_1, pql_2, ppo_1, other_budget]))
-    gym_mujoco.main(["--no-run", "--results", str(results), "--figures", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert "| gym:Hopper-v5 | pql.py | 2 | 400 (40) | 400 (40) | 600 (60) | 195,000 | 195 | 1000 |" in out
-    assert "| gym:Hopper-v5 | PPO (rsl_rl) | 1 | 30 | 90 | 1500 | 3,000,000 | 2,000 | 1500 |" in out  # not the 60 s run
-    assert "| gym:Hopper-v5 | TD3, paper (v1) | | 660 ± 752 | 2441 ± 746 | 3391 ± 378 | 1,000,000 | | |" in out
+    stale_pql_1 = dict(pql_1, returns=[(100_000, 10.0, -5.0)])  # an earlier line for the same run: the later one counts
+    lines = [json.dumps(r) for r in [stale_pql_1, pql_1, pql_2, ppo_1, other_budget]] + ['{"cut short']
+    results.write_text("\n".join(lines) + "\n")
+    gym_mujoco.main(["--no-run", "--budget", "1500", "--results", str(results), "--figures", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert "| gym:Hopper-v5 | pql.py | 2 | 400 (40) | 400 (40) [1 of 2 runs] | 600 (60) | 199,000 | 195 | 1017 |" in captured.out
+    assert "| gym:Hopper-v5 | PPO (rsl_rl) | 1 | 30 | 90 | 1500 | 3,000,000 | 2,000 | 1500 |" in captured.out  # not the 60 s run
+    assert "| gym:Hopper-v5 | TD3, paper (v1) | | 659 ± 752 | 2441 ± 746 | 3391 ± 378 | 1,000,000 | | |" in captured.out
+    assert "is not a result line; skipped" in captured.err
     assert (tmp_path / "mujoco_Hopper.png").stat().st_size > 10_000
-    # PQL's runs take the task's settings from pql.TASK_DEFAULTS, which their command does not repeat.
+    # PQL's runs take the task's settings from pql.TASK_DEFAULTS, which their command does not repeat;
+    # PPO's flags are ones ppo.py takes.
     command = gym_mujoco.command_for("pql", "gym:Hopper-v5", 1, "cpu", 1500.0)
     assert "--num-envs" not in command
     assert pql.parse_args(command[2:]).num_envs == pql.TASK_DEFAULTS["gym:Hopper-v5"]["num_envs"]
+    ppo_args = ppo.parse_args(gym_mujoco.command_for("ppo", "gym:Hopper-v5", 1, "cpu", 1500.0)[2:])
+    assert (ppo_args.num_envs, ppo_args.hidden_dims, ppo_args.max_time) == (64, [256, 256], 1500.0)

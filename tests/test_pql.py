@@ -427,12 +427,17 @@ def test_same_seed_gives_identical_returns_on_cpu(tmp_path):
                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
             for name in ["a", "b"]}
     returns = []
-    for name, process in runs.items():
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, stderr
-        (run_dir,) = glob.glob(str(tmp_path / "runs" / f"Pendulum__{name}__1__*"))
-        scalars = read_scalars(run_dir)
-        returns.append([scalars[tag] for tag in ["charts/episodic_return", "losses/critic_loss"]])
+    try:
+        for name, process in runs.items():
+            _, stderr = process.communicate(timeout=300)
+            assert process.returncode == 0, stderr
+            (run_dir,) = glob.glob(str(tmp_path / "runs" / f"Pendulum__{name}__1__*"))
+            scalars = read_scalars(run_dir)
+            returns.append([scalars[tag] for tag in ["charts/episodic_return", "losses/critic_loss"]])
+    finally:
+        for process in runs.values():
+            process.kill()  # no-op for a process that has ended
+            process.wait()
     assert returns[0][0] and returns[0] == returns[1]
 
 
