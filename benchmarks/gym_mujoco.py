@@ -32,8 +32,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
@@ -209,7 +207,7 @@ def plot(results, tasks, methods, footer_text, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from plots import band
+    from plots import draw_seeds
 
     written = []
     for task in tasks:
@@ -220,17 +218,8 @@ def plot(results, tasks, methods, footer_text, out):
                 continue
             label = f"{LABELS[method]} ({len(data)} seed{'s' if len(data) > 1 else ''})"
             for ax, column, log_x in ((ax_steps, 0, True), (ax_time, 1, False)):
-                xs = [[point[column] for point in points] for points in data]
-                ys = [[point[2] for point in points] for points in data]
-                for x, y in zip(xs, ys):
-                    ax.plot(x, y, "o", color=COLORS[method], markersize=2, alpha=0.5)
-                summary = band([np.array(x) for x in xs], [np.array(y) for y in ys], log_x)
-                if summary is None:
-                    ax.plot([], [], "o", color=COLORS[method], label=label + ", dots only")
-                    continue
-                x, average, low, high = summary
-                ax.plot(x, average, color=COLORS[method], label=label)
-                ax.fill_between(x, low, high, color=COLORS[method], alpha=0.2, linewidth=0)
+                draw_seeds(ax, [[point[column] for point in points] for points in data], [[point[2] for point in points] for points in data],
+                           COLORS[method], label, log_x, markersize=2, alpha=0.5)
         for (algorithm, returns), marker in zip(PUBLISHED.get(task, {}).items(), "sD^v"):
             steps = sorted(returns)
             ax_steps.errorbar(steps, [returns[s][0] for s in steps], yerr=[returns[s][1] for s in steps], fmt=marker,

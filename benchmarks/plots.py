@@ -52,6 +52,20 @@ def band(xs_per_seed, ys_per_seed, log_x):
     return grid, stacked.mean(0), stacked.min(0), stacked.max(0)
 
 
+def draw_seeds(ax, xs_per_seed, ys_per_seed, color, label, log_x, markersize=3, alpha=0.6):
+    """Every logged point of every seed as a dot, and the mean over seeds (line) with its min-max
+    (band) where all seeds overlap; with no common range, only the dots (said in the label)."""
+    for x, y in zip(xs_per_seed, ys_per_seed):
+        ax.plot(x, y, "o", color=color, markersize=markersize, alpha=alpha)
+    summary = band([np.asarray(x) for x in xs_per_seed], [np.asarray(y) for y in ys_per_seed], log_x)
+    if summary is None:
+        ax.plot([], [], "o", color=color, label=label + ", dots only")
+        return
+    x, mean, low, high = summary
+    ax.plot(x, mean, color=color, label=label)
+    ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
+
+
 def footer(fig, manifest):
     fig.text(0.01, 0.01, f"{manifest['machine']}, device {manifest['device']}; {manifest['date']}", fontsize=7, color="gray")
 
@@ -72,15 +86,7 @@ def plot_learning(logdir, out):
             for ax, column, log_x in ((ax_steps, 0, True), (ax_time, 1, False)):
                 # Every logged return as a dot: with few logged points (CartpoleSwingup logs one per
                 # 64,000 env steps at 64 envs) the dots are the data, the line only summarises it.
-                for d in data:
-                    ax.plot(d[column], d[2], "o", color=COLORS[method], markersize=3, alpha=0.6)
-                summary = band([d[column] for d in data], [d[2] for d in data], log_x)
-                if summary is None:
-                    ax.plot([], [], "o", color=COLORS[method], label=label + ", dots only")
-                    continue
-                x, mean, low, high = summary
-                ax.plot(x, mean, color=COLORS[method], label=label)
-                ax.fill_between(x, low, high, color=COLORS[method], alpha=0.2, linewidth=0)
+                draw_seeds(ax, [d[column] for d in data], [d[2] for d in data], COLORS[method], label, log_x)
         for ax, xlabel in ((ax_steps, "env steps"), (ax_time, "training seconds")):
             ax.axhline(TASKS[task]["solved"], color="black", linestyle="--", linewidth=1, label="solved")
             ax.set_xlabel(xlabel)
