@@ -1,5 +1,5 @@
 """Batched environments for pql: three small built-in tasks in plain torch, plus
-adapters for Gymnasium (`gym:<id>`) and Isaac Gym (`isaacgym:<Task>`).
+adapters for Gymnasium (`gym:<id>`), Isaac Gym (`isaacgym:<Task>`) and mjlab (`mjlab:<TaskId>`).
 
 Every environment, whatever its source, speaks the same interface:
 
@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import random
 import sys
 from typing import Dict, List, Tuple
 
@@ -41,6 +43,11 @@ ISAACGYM_INSTALL = (
     "  2. pip install -e isaacgym/python\n"
     "  3. git clone https://github.com/isaac-sim/IsaacGymEnvs && pip install -e IsaacGymEnvs\n"
     '  4. pip install "numpy<1.24"   (isaacgym uses np.float, removed in numpy 1.24)'
+)
+
+MJLAB_INSTALL = (
+    "pip install -r requirements-mjlab.txt (mjlab 1.6.0, Python >= 3.10; install your torch first: "
+    "pip install torch==2.13.0, or the CUDA build from https://pytorch.org)"
 )
 
 StepResult = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]
@@ -643,6 +650,172 @@ class IsaacGymEnv:
 
 
 # ---------------------------------------------------------------------------------------
+# mjlab adapter
+# ---------------------------------------------------------------------------------------
+
+
+class PrivateTorchRng:
+    """A private copy of torch's global generator states (the CPU one and, on CUDA, the
+    env's device's), swapped in around every mjlab call with `with rng:`.
+
+    mjlab draws its resets, noise and events from torch's GLOBAL generator and reseeds it
+    (and numpy's and Python's) when built. Without this, building an eval env would reseed
+    the trainer, and every draw of the trainer would shift the simulator's. With it, an
+    MjlabEnv follows exactly the random stream of a standalone mjlab env with its seed.
+    In pql_threaded.py a learner thread that draws while the actor is inside mjlab draws
+    from mjlab's stream: the streams interleave but no number is drawn twice by one user."""
+
+    def __init__(self, device: torch.device):
+        self.cuda_index = device.index if device.type == "cuda" else None
+        self.states = None  # None until the first `with`: mjlab starts from the caller's state
+        self.saved = None
+
+    def capture(self):
+        cuda = torch.cuda.get_rng_state(self.cuda_index) if self.cuda_index is not None else None
+        return torch.get_rng_state(), cuda
+
+    def restore(self, states):
+        torch.set_rng_state(states[0])
+        if states[1] is not None:
+            torch.cuda.set_rng_state(states[1], self.cuda_index)
+
+    def __enter__(self):
+        self.saved = self.capture()
+        if self.states is not None:
+            self.restore(self.states)
+        # mjlab also seeds Python's and numpy's generators when it is built or reset with a seed.
+        import numpy as np
+
+        self.host_states = random.getstate(), np.random.get_state()
+        return self
+
+    def __exit__(self, *exc):
+        import numpy as np
+
+        self.states = self.capture()
+        self.restore(self.saved)
+        random.setstate(self.host_states[0])
+        np.random.set_state(self.host_states[1])
+        return False
+
+
+class MjlabEnv:
+    """`mjlab:<TaskId>`: a task of mjlab (Isaac Lab's manager-based API on MuJoCo Warp), e.g.
+    mjlab:Mjlab-Cartpole-Balance or mjlab:Mjlab-Velocity-Flat-Unitree-Go1; it runs on the
+    CPU (Warp's CPU backend, slow) or on CUDA. `python -m mjlab.scripts.list_envs` lists them.
+
+    How mjlab's step maps onto the interface:
+    - The task's config is built with `auto_reset = False`: then mjlab's step returns the
+      TRUE terminal obs of finished envs (info["final_obs"]) and refuses to step again until
+      they are reset, which we do at once with `reset(env_ids=...)`: next_obs holds the reset
+      obs there. mjlab's partial reset recomputes the obs of ALL envs (with fresh noise);
+      the others keep the step's obs, so each env gets one obs (one noise draw) per step,
+      as with mjlab's own auto-reset.
+    - Observations: the "actor" group (the policy's inputs, with the task's observation
+      noise; "policy" in older mjlab and Isaac Lab), one flat vector. The privileged
+      "critic" group is not used: PQL's critic sees what the policy sees.
+    - Actions in [-1, 1] are multiplied by `action_scale` (1 by default) and sent as mjlab's
+      raw actions, which each action term maps to `scale * a + offset` itself: for the
+      Cartpoles +-1 is the motor's full range (+-10 N); for Go1 +-1 moves the joint targets
+      +-0.37 rad (hip, thigh) and +-0.25 rad (calf) around the standing pose.
+    - Rewards are mjlab's, as its own training logs them: multiplied by the control step dt
+      (0.05 s for the Cartpoles: at most 0.05 per step). pql.py's per-task reward scales
+      account for that. `terminated` and `truncated` are mjlab's `terminated` and
+      `time_outs`; both can be True on one step. Tasks with `is_finite_horizon = True`
+      report their time-limit ends as terminations (as mjlab's own rsl_rl wrapper does).
+    - Host syncs per step, which matter on CUDA: two in mjlab's step, one here (mjlab's
+      reset needs the ids of the finished envs), plus the finite-action check; a step with
+      resets adds mjlab's reset path.
+    - Seeding: see PrivateTorchRng. reset() reseeds, so it gives the same starts every time.
+    `cfg_hook(cfg)`, if given, edits mjlab's env config before the env is built."""
+
+    def __init__(self, task_id: str, num_envs: int, device="cpu", seed: int = 0,
+                 action_scale: float = 1.0, cfg_hook=None):
+        try:
+            import mjlab.tasks  # noqa: F401  (importing it registers the tasks)
+            import warp
+            from mjlab.envs import ManagerBasedRlEnv
+            from mjlab.tasks.registry import list_tasks, load_env_cfg
+        except ImportError as e:
+            raise ImportError(f"task 'mjlab:{task_id}' needs mjlab: {MJLAB_INSTALL} ({e})") from e
+        if os.environ.get("MJLAB_WARP_QUIET") is None and hasattr(warp.config, "log_level"):
+            # Warp logs a line per kernel module it loads (some 35 per env); mjlab's switch for
+            # that, MJLAB_WARP_QUIET, does not silence the Warp 1.19 it installs. Set it to 0 to see them.
+            warp.config.log_level = max(warp.config.log_level, warp.LOG_WARNING)
+        if task_id not in list_tasks():
+            raise ValueError(f"unknown mjlab task {task_id!r}; mjlab has: {', '.join(sorted(list_tasks()))}")
+        self.task = "mjlab:" + task_id
+        self.num_envs = num_envs
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.seed = seed
+        self.action_scale = float(action_scale)
+        self.check_finite_actions = True
+        cfg = load_env_cfg(task_id)  # a deep copy of the registered config
+        cfg.scene.num_envs = num_envs
+        cfg.seed = seed
+        cfg.auto_reset = False
+        if cfg_hook is not None:
+            cfg_hook(cfg)
+        self.rng = PrivateTorchRng(self.device)
+        with self.rng:
+            self.env = ManagerBasedRlEnv(cfg, device=str(self.device))
+
+        manager = self.env.observation_manager
+        self.obs_group = next((g for g in ("actor", "policy") if g in manager.group_obs_dim), None)
+        if self.obs_group is None:
+            raise ValueError(f"{self.task}: no 'actor' or 'policy' observation group; it has {list(manager.group_obs_dim)}")
+        dims = manager.group_obs_dim[self.obs_group]
+        if not manager.group_obs_concatenate[self.obs_group] or len(dims) != 1:
+            raise ValueError(f"{self.task}: observation group {self.obs_group!r} is not one flat vector (dims {dims})")
+        self.obs_dim = int(dims[0])
+        self.act_dim = int(self.env.action_manager.total_action_dim)
+        self.max_episode_length = int(self.env.max_episode_length)
+        self.finite_horizon = bool(getattr(self.env.cfg, "is_finite_horizon", False))
+        self.running_return = torch.zeros(num_envs, dtype=torch.float32, device=self.device)
+        self.running_length = torch.zeros(num_envs, dtype=torch.float32, device=self.device)
+
+    def observe(self, obs_groups) -> torch.Tensor:
+        return obs_groups[self.obs_group].to(device=self.device, dtype=torch.float32)
+
+    def reset(self) -> torch.Tensor:
+        with self.rng:
+            obs_groups, _ = self.env.reset(seed=self.seed)
+        self.running_return.zero_()
+        self.running_length.zero_()
+        return self.observe(obs_groups).clone()
+
+    def step(self, actions: torch.Tensor) -> StepResult:
+        a = check_actions(self, actions, torch.float32) * self.action_scale
+        with self.rng:
+            obs_groups, reward, terminated, truncated, _ = self.env.step(a)
+            final_obs = self.observe(obs_groups)  # a fresh tensor (mjlab concatenates the terms)
+            # mjlab reuses its reward and termination buffers: copy them.
+            reward = reward.to(device=self.device, dtype=torch.float32).clone()
+            terminated = terminated.to(self.device).clone()
+            truncated = truncated.to(self.device).clone()
+            done = terminated | truncated
+            if self.finite_horizon:  # the time limit is part of the task: no bootstrapping
+                terminated, truncated = done, torch.zeros_like(done)
+            done_ids = done.nonzero(as_tuple=False).squeeze(-1)  # a host sync: mjlab resets by id
+            if done_ids.numel() > 0:
+                reset_groups, _ = self.env.reset(env_ids=done_ids)
+                next_obs = torch.where(done[:, None], self.observe(reset_groups), final_obs)
+            else:
+                next_obs = final_obs.clone()
+        self.running_return += reward
+        self.running_length += 1.0
+        ep_return, ep_length = end_episodes(self.running_return, self.running_length, done)
+        info = {"final_obs": final_obs, "episode_return": ep_return, "episode_length": ep_length,
+                "valid": torch.ones_like(done)}
+        return next_obs, reward, terminated, truncated, info
+
+    def close(self):
+        self.env.close()
+
+
+# ---------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------
 
@@ -652,8 +825,8 @@ def list_tasks() -> List[str]:
 
 
 def make_env(task: str, num_envs: int, device="cpu", seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Build an environment. `task` is a built-in name (see list_tasks()), 'gym:<id>' or
-    'isaacgym:<Task>'. `dtype` sets the physics precision of built-in tasks only."""
+    """Build an environment. `task` is a built-in name (see list_tasks()), 'gym:<id>',
+    'isaacgym:<Task>' or 'mjlab:<TaskId>'. `dtype` sets the physics precision of built-in tasks only."""
     if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
         raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
     if dtype != torch.float32 and task not in TASKS:
@@ -662,12 +835,15 @@ def make_env(task: str, num_envs: int, device="cpu", seed: int = 0, dtype: torch
         return GymnasiumEnv(task[len("gym:"):], num_envs, device, seed)
     if task.startswith("isaacgym:"):
         return IsaacGymEnv(task[len("isaacgym:"):], num_envs, device, seed)
+    if task.startswith("mjlab:"):
+        return MjlabEnv(task[len("mjlab:"):], num_envs, device, seed)
     if task in TASKS:
         return TASKS[task](num_envs, device, seed, dtype)
     raise ValueError(
         f"unknown task {task!r}. Built-in tasks: {', '.join(TASKS)}. "
         f"Or 'gym:<id>' for a Gymnasium env (e.g. gym:HalfCheetah-v5; {GYM_INSTALL}) "
-        "or 'isaacgym:<Task>' for an IsaacGymEnvs task (e.g. isaacgym:Ant)."
+        "or 'isaacgym:<Task>' for an IsaacGymEnvs task (e.g. isaacgym:Ant) "
+        "or 'mjlab:<TaskId>' for an mjlab task (e.g. mjlab:Mjlab-Cartpole-Balance)."
     )
 
 
@@ -679,3 +855,4 @@ if __name__ == "__main__":
     print("Adapters:")
     print(f"  gym:<id>          any Gymnasium env with a Box action space, e.g. gym:HalfCheetah-v5 ({GYM_INSTALL})")
     print("  isaacgym:<Task>   an IsaacGymEnvs task, e.g. isaacgym:Ant (import isaacgym before torch)")
+    print(f"  mjlab:<TaskId>    an mjlab task, e.g. mjlab:Mjlab-Cartpole-Balance ({MJLAB_INSTALL})")

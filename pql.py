@@ -54,7 +54,7 @@ class Args:
     exp_name: str = "pql"
     """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
     task: str = "Pendulum"
-    """a task of envs.py: a built-in one (`python envs.py` lists them), `gym:<id>` or `isaacgym:<Task>`"""
+    """a task of envs.py: a built-in one (`python envs.py` lists them), `gym:<id>`, `isaacgym:<Task>` or `mjlab:<TaskId>`"""
     num_envs: int = 4096
     """number of environments stepped together by the actor"""
     seed: int = 1
@@ -158,6 +158,16 @@ TASK_DEFAULTS = {
     "isaacgym:FrankaCubeStack": dict(reward_scale=0.1),
     "isaacgym:BallBalance": dict(reward_scale=0.1),
     "isaacgym:Anymal": dict(reward_scale=1.0),
+    # mjlab's rewards come multiplied by the control step (envs.MjlabEnv): the Cartpoles' are in [0, 0.05]
+    # per step; the velocity tasks' at most 0.12 (tracking and posture terms weighing 6, times 0.02 s), so
+    # 0.5 keeps their returns within PQL-D's support. The legged robots keep Args' GPU-sized defaults,
+    # which are also mjlab's own PPO networks (512-256-128, ELU) and the paper's locomotion settings.
+    "mjlab:Mjlab-Cartpole-Balance": dict(reward_scale=2.0),
+    "mjlab:Mjlab-Cartpole-Swingup": dict(reward_scale=2.0),
+    "mjlab:Mjlab-Velocity-Flat-Unitree-Go1": dict(reward_scale=0.5),
+    "mjlab:Mjlab-Velocity-Rough-Unitree-Go1": dict(reward_scale=0.5),
+    "mjlab:Mjlab-Velocity-Flat-Unitree-G1": dict(reward_scale=0.5),
+    "mjlab:Mjlab-Velocity-Rough-Unitree-G1": dict(reward_scale=0.5),
 }
 
 

@@ -3,6 +3,7 @@ import copy
 import glob
 import importlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -557,21 +558,26 @@ def test_ctrl_c_and_sigterm_save_the_checkpoint_and_exit_cleanly(tmp_path, signa
     assert seconds_to_exit < 15
 
 
-def start_learning_run(script, extra_flags, cwd, one_thread=False):
-    """Start training Pendulum with small settings, a fixed seed and a fixed budget of env steps."""
-    return subprocess.Popen([sys.executable, os.path.join(REPO, script), "--task", "Pendulum", "--num-envs", "64",
-                             "--hidden-dims", "64", "64", "--batch-size", "1024", "--device", "cpu",
-                             "--total-timesteps", "51200", "--seed", "1", *extra_flags],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1") if one_thread else None)
+def start_learning_run(script, extra_flags, cwd, one_thread=False, background=False):
+    """Start training Pendulum with small settings, a fixed seed and a fixed budget of env steps.
+    `background`: at the lowest CPU priority (nice 19), so that it only takes time no other work wants."""
+    lowest_priority = ["nice", "-n", "19"] if background and shutil.which("nice") else []
+    process = subprocess.Popen([*lowest_priority, sys.executable, os.path.join(REPO, script), "--task", "Pendulum", "--num-envs", "64",
+                                "--hidden-dims", "64", "64", "--batch-size", "1024", "--device", "cpu",
+                                "--total-timesteps", "51200", "--seed", "1", *extra_flags],
+                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1") if one_thread else None)
+    process.started_at = time.time()
+    return process
 
 
 def deterministic_return(training, cwd):
     """Wait for a learning run to end, then return its deterministic policy's mean return over 20 episodes."""
-    _, err = training.communicate(timeout=600)
+    _, err = training.communicate(timeout=1200)
     assert training.returncode == 0, err
     # Captured output is not a terminal: the progress bar refreshes once a minute, not ten times a second.
-    assert err.count("\r") <= 6, err.count("\r")
+    minutes = (time.time() - training.started_at) / 60
+    assert err.count("\r") <= 6 + minutes, (err.count("\r"), minutes)
     (run_dir,) = glob.glob(os.path.join(str(cwd), "runs", "*"))
     evaluation = run_pql(["--eval-checkpoint", os.path.join(run_dir, "model.pt"), "--eval-episodes", "20", "--device", "cpu"], cwd)
     return float(evaluation.stdout.split("mean return ")[1].split()[0])
