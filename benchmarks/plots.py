@@ -97,7 +97,7 @@ def plot_learning(logdir, out):
         fig.suptitle(f"{task}: PQL vs PPO (dots: logged returns; line and band: mean and min-max over seeds)")
         footer(fig, manifest)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
-        path = os.path.join(out, f"learning_{task}.png")
+        path = os.path.join(out, f"learning_{task.replace(':', '_')}.png")  # mjlab:Mjlab-Cartpole-Balance: no ':' in a file name
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
