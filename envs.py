@@ -662,10 +662,14 @@ class PrivateTorchRng:
     (and numpy's and Python's) when built. Without this, building an eval env would reseed
     the trainer, and every draw of the trainer would shift the simulator's. With it, an
     MjlabEnv follows exactly the random stream of a standalone mjlab env with its seed.
-    In pql_threaded.py a learner thread that draws while the actor is inside mjlab draws
-    from mjlab's stream: the streams interleave but no number is drawn twice by one user."""
+    (In pql_threaded.py a learner thread that draws while the actor is inside mjlab draws
+    from mjlab's stream instead of its own: no harm to learning, one more reason why the
+    threaded script does not reproduce a run bit for bit.)"""
 
     def __init__(self, device: torch.device):
+        import numpy  # mjlab needs it anyway; envs.py itself does not
+
+        self.np = numpy
         self.cuda_index = device.index if device.type == "cuda" else None
         self.states = None  # None until the first `with`: mjlab starts from the caller's state
         self.saved = None
@@ -684,18 +688,14 @@ class PrivateTorchRng:
         if self.states is not None:
             self.restore(self.states)
         # mjlab also seeds Python's and numpy's generators when it is built or reset with a seed.
-        import numpy as np
-
-        self.host_states = random.getstate(), np.random.get_state()
+        self.host_states = random.getstate(), self.np.random.get_state()
         return self
 
     def __exit__(self, *exc):
-        import numpy as np
-
         self.states = self.capture()
         self.restore(self.saved)
         random.setstate(self.host_states[0])
-        np.random.set_state(self.host_states[1])
+        self.np.random.set_state(self.host_states[1])
         return False
 
 
