@@ -46,8 +46,8 @@ ISAACGYM_INSTALL = (
 )
 
 MJLAB_INSTALL = (
-    "pip install -r requirements-mjlab.txt (mjlab 1.6.0, Python >= 3.10; install your torch first: "
-    "pip install torch==2.13.0, or the CUDA build from https://pytorch.org)"
+    "pip install -r requirements-mjlab.txt (mjlab 1.6.0, Python 3.10 to 3.13; install torch first: "
+    "requirements.txt, or the build for your CUDA version from https://pytorch.org)"
 )
 
 StepResult = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]
@@ -655,8 +655,8 @@ class IsaacGymEnv:
 
 
 class PrivateTorchRng:
-    """A private copy of torch's global generator states (the CPU one and, on CUDA, the
-    env's device's), swapped in around every mjlab call with `with rng:`.
+    """A private copy of torch's global generator states (the CPU one and, once CUDA is
+    initialised, every GPU's), swapped in around every mjlab call with `with rng:`.
 
     mjlab draws its resets, noise and events from torch's GLOBAL generator and reseeds it
     (and numpy's and Python's) when built. Without this, building an eval env would reseed
@@ -670,32 +670,40 @@ class PrivateTorchRng:
         import numpy  # mjlab needs it anyway; envs.py itself does not
 
         self.np = numpy
-        self.cuda_index = device.index if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.init()  # so that the first capture already holds the GPUs' states
         self.states = None  # None until the first `with`: mjlab starts from the caller's state
         self.saved = None
 
     def capture(self):
-        cuda = torch.cuda.get_rng_state(self.cuda_index) if self.cuda_index is not None else None
+        # torch.manual_seed (mjlab's seeding) reseeds every GPU, not only the env's device. (Before
+        # CUDA is initialised it queues that reseed for later: build a CPU env after CUDA is up.)
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         return torch.get_rng_state(), cuda
 
     def restore(self, states):
         torch.set_rng_state(states[0])
         if states[1] is not None:
-            torch.cuda.set_rng_state(states[1], self.cuda_index)
+            torch.cuda.set_rng_state_all(states[1])
 
     def __enter__(self):
         self.saved = self.capture()
         if self.states is not None:
             self.restore(self.states)
-        # mjlab also seeds Python's and numpy's generators when it is built or reset with a seed.
-        self.host_states = random.getstate(), self.np.random.get_state()
+        # mjlab's seeding also sets Python's and numpy's generators and PYTHONHASHSEED.
+        self.host_states = random.getstate(), self.np.random.get_state(), os.environ.get("PYTHONHASHSEED")
         return self
 
     def __exit__(self, *exc):
         self.states = self.capture()
         self.restore(self.saved)
-        random.setstate(self.host_states[0])
-        self.np.random.set_state(self.host_states[1])
+        python_state, numpy_state, hash_seed = self.host_states
+        random.setstate(python_state)
+        self.np.random.set_state(numpy_state)
+        if hash_seed is None:
+            os.environ.pop("PYTHONHASHSEED", None)
+        else:
+            os.environ["PYTHONHASHSEED"] = hash_seed
         return False
 
 
@@ -726,7 +734,8 @@ class MjlabEnv:
     - Host syncs per step, which matter on CUDA: two in mjlab's step, one here (mjlab's
       reset needs the ids of the finished envs), plus the finite-action check; a step with
       resets adds mjlab's reset path.
-    - Seeding: see PrivateTorchRng. reset() reseeds, so it gives the same starts every time.
+    - Seeding: see PrivateTorchRng. reset() restarts mjlab's random stream where the build left
+      it, so it draws the same starts every time (counters and curricula are mjlab's to keep).
     `cfg_hook(cfg)`, if given, edits mjlab's env config before the env is built."""
 
     def __init__(self, task_id: str, num_envs: int, device="cpu", seed: int = 0,
@@ -738,9 +747,9 @@ class MjlabEnv:
             from mjlab.tasks.registry import list_tasks, load_env_cfg
         except ImportError as e:
             raise ImportError(f"task 'mjlab:{task_id}' needs mjlab: {MJLAB_INSTALL} ({e})") from e
-        if os.environ.get("MJLAB_WARP_QUIET") is None and hasattr(warp.config, "log_level"):
+        if os.environ.get("MJLAB_WARP_QUIET", "1").lower() not in ("0", "false", "no") and hasattr(warp.config, "log_level"):
             # Warp logs a line per kernel module it loads (some 35 per env); mjlab's switch for
-            # that, MJLAB_WARP_QUIET, does not silence the Warp 1.19 it installs. Set it to 0 to see them.
+            # that, MJLAB_WARP_QUIET, does not reach the Warp 1.19 it installs. Set it to 0 to see them.
             warp.config.log_level = max(warp.config.log_level, warp.LOG_WARNING)
         if task_id not in list_tasks():
             raise ValueError(f"unknown mjlab task {task_id!r}; mjlab has: {', '.join(sorted(list_tasks()))}")
@@ -761,6 +770,10 @@ class MjlabEnv:
         self.rng = PrivateTorchRng(self.device)
         with self.rng:
             self.env = ManagerBasedRlEnv(cfg, device=str(self.device))
+        # reset() starts mjlab's random stream over from here, where a standalone env with this seed
+        # starts its first reset (reseeding instead would reuse the numbers the build's
+        # randomisation events drew, e.g. Go1's friction and mass, for the start states).
+        self.rng_after_build = self.rng.states
 
         manager = self.env.observation_manager
         self.obs_group = next((g for g in ("actor", "policy") if g in manager.group_obs_dim), None)
@@ -780,8 +793,9 @@ class MjlabEnv:
         return obs_groups[self.obs_group].to(device=self.device, dtype=torch.float32)
 
     def reset(self) -> torch.Tensor:
+        self.rng.states = self.rng_after_build
         with self.rng:
-            obs_groups, _ = self.env.reset(seed=self.seed)
+            obs_groups, _ = self.env.reset()
         self.running_return.zero_()
         self.running_length.zero_()
         return self.observe(obs_groups).clone()

@@ -43,11 +43,14 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session):
+    """Stops what is still running (after -x, Ctrl-C or a deselected waiter) and removes its folders."""
     for process, folder in BACKGROUND.get("pql_pendulum", {}).values():
         process.kill()
+        process.communicate()
         shutil.rmtree(folder, ignore_errors=True)
     if "mjlab" in BACKGROUND:
         BACKGROUND["mjlab"].kill()
+        BACKGROUND["mjlab"].wait()
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +69,10 @@ def mjlab_kernels():
     """Waits for the background compile of mjlab's Warp kernels (if it ran): the tests then load
     them from Warp's cache instead of compiling them themselves. Its failure is left to the tests."""
     if "mjlab" in BACKGROUND:
-        BACKGROUND["mjlab"].wait()
+        try:
+            BACKGROUND["mjlab"].wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            BACKGROUND["mjlab"].kill()  # the tests then compile what they need themselves
 
 
 @pytest.fixture(scope="session")

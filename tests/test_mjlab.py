@@ -14,6 +14,7 @@ rewards and flags). Everything must agree bit for bit.
 """
 
 import importlib.util
+import os
 import random
 import sys
 
@@ -24,9 +25,14 @@ import torch
 import envs
 
 HAVE_MJLAB = sys.version_info >= (3, 10) and importlib.util.find_spec("mjlab") is not None
-needs_mjlab = pytest.mark.skipif(not HAVE_MJLAB, reason="mjlab is not installed: pip install -r requirements-mjlab.txt (Python >= 3.10)")
-# The first use of mjlab compiles Warp's kernels; conftest.py starts that at the beginning of the session.
-pytestmark = pytest.mark.usefixtures("mjlab_kernels")
+
+
+def needs_mjlab(test):
+    """Skipped without mjlab; with it, waits for the Warp kernels that conftest.py compiles in the background."""
+    skip = pytest.mark.skipif(not HAVE_MJLAB, reason="mjlab is not installed: pip install -r requirements-mjlab.txt (Python 3.10 to 3.13)")
+    return pytest.mark.usefixtures("mjlab_kernels")(skip(test))
+
+
 if HAVE_MJLAB:
     import mjlab.tasks  # noqa: F401  (registers the tasks)
     from mjlab.envs import ManagerBasedRlEnv
@@ -101,7 +107,7 @@ def rollouts():
 
     # 2. mjlab directly, auto_reset=False, explicit resets: true final obs.
     env = direct_env(auto_reset=False)
-    ra = {"reset_obs": env.reset(seed=SEED)[0]["actor"].clone(), "final_obs": [], "next_obs": [],
+    ra = {"reset_obs": env.reset()[0]["actor"].clone(), "final_obs": [], "next_obs": [],
           "reward": [], "terminated": [], "truncated": []}
     for t in range(T):
         obs_dict, reward, terminated, truncated, _ = env.step(actions[t])
@@ -121,7 +127,7 @@ def rollouts():
 
     # 3. mjlab directly with its default auto-reset.
     env = direct_env(auto_reset=True)
-    rb = {"reset_obs": env.reset(seed=SEED)[0]["actor"].clone(), "next_obs": [], "reward": [],
+    rb = {"reset_obs": env.reset()[0]["actor"].clone(), "next_obs": [], "reward": [],
           "terminated": [], "truncated": []}
     for t in range(T):
         obs_dict, reward, terminated, truncated, _ = env.step(actions[t])
@@ -138,9 +144,10 @@ def rollouts():
 @needs_mjlab
 def test_interface_attributes():
     torch.manual_seed(11)
-    before = torch.get_rng_state()
+    before, hash_seed = torch.get_rng_state(), os.environ.get("PYTHONHASHSEED")
     env = envs.make_env("mjlab:" + TASK, 3, device="cpu", seed=5)
     assert torch.equal(torch.get_rng_state(), before), "building the env must not reseed the caller's RNG"
+    assert os.environ.get("PYTHONHASHSEED") == hash_seed, "mjlab sets PYTHONHASHSEED when it seeds: restored"
     assert isinstance(env, MjlabEnv) and env.obs_group == "actor"
     assert env.task == "mjlab:" + TASK
     assert (env.num_envs, env.obs_dim, env.act_dim) == (3, 5, 1)
@@ -250,7 +257,7 @@ def test_rng_isolation_and_reset_reproducible(rollouts):
     assert torch.equal(torch.get_rng_state(), cpu_state), "the adapter must not touch the caller's torch RNG"
     assert np.array_equal(np.random.get_state()[1], np_state), "the adapter must not touch numpy's RNG"
     assert random.getstate() == py_state, "the adapter must not touch Python's RNG"
-    assert torch.equal(first, rollouts["adapter"]["reset_obs"]), "reset() reseeds: same start states"
+    assert torch.equal(first, rollouts["adapter"]["reset_obs"]), "reset() restarts mjlab's stream: same start states"
 
 
 @needs_mjlab
