@@ -94,7 +94,8 @@ def plot_learning(logdir, out):
             ax.grid(alpha=0.3)
         ax_steps.set_xscale("log")
         ax_time.legend(fontsize=8, loc="lower right")
-        fig.suptitle(f"{task}: PQL vs PPO (dots: logged returns; line and band: mean and min-max over seeds)")
+        compared = " vs ".join(dict.fromkeys("PPO" if method == "ppo" else "PQL" for method in manifest["methods"]))
+        fig.suptitle(f"{task}: {compared} (dots: logged returns; line and band: mean and min-max over seeds)")
         footer(fig, manifest)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         path = os.path.join(out, f"learning_{task.replace(':', '_')}.png")  # mjlab:Mjlab-Cartpole-Balance: no ':' in a file name
