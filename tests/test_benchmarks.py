@@ -349,3 +349,33 @@ def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_
     assert pql.parse_args(command[2:]).num_envs == pql.TASK_DEFAULTS["gym:Hopper-v5"]["num_envs"]
     ppo_args = ppo.parse_args(gym_mujoco.command_for("ppo", "gym:Hopper-v5", 1, "cpu", 1500.0)[2:])
     assert (ppo_args.num_envs, ppo_args.hidden_dims, ppo_args.max_time) == (64, [256, 256], 1500.0)
+
+
+def test_mjlab_ppo_reads_rsl_rl_progress_and_stops_the_run_at_the_budget(tmp_path):
+    """mjlab_ppo.py follows mjlab's PPO by what rsl_rl prints each iteration (the block below is
+    copied from a real run): return and env steps per iteration, time summed from the iteration
+    times, and an interrupt once the budget is trained. The stand-in prints 50 iterations unless
+    interrupted, the first without a return (rsl_rl prints none before an episode ends)."""
+    import mjlab_ppo
+    block = ("\x1b[1m   Learning iteration {i}/10000000   \x1b[0m \n\n"
+             "                            Total steps: {steps} \n"
+             "                       Steps per second: 429 \n"
+             "                        Mean value loss: 0.0078\n"
+             "{reward}"
+             "                    Mean episode length: 60.75\n"
+             "           Episode_Reward/smooth_reward: 0.0149\n"
+             "--------------------------------------------------------------------------------\n"
+             "                         Iteration time: 1.25s\n"
+             "                           Time elapsed: 0:00:04\n")
+    stand_in = (f"import time\nblock = {block!r}\n"
+                "for i in range(50):\n"
+                "    reward = '' if i == 0 else f'                            Mean reward: {0.5 * i:.2f}\\n'\n"
+                "    print(block.format(i=i, steps=512 * (i + 1), reward=reward), flush=True)\n"
+                "    time.sleep(0.01)\n")
+    folder = str(tmp_path / "ppo")
+    points, sps, steps = mjlab_ppo.ppo_curve(folder, [sys.executable, "-c", stand_in], budget=4.0, env=dict(os.environ))
+    assert points == [(2.5, 1024, 0.5), (3.75, 1536, 1.0), (5.0, 2048, 1.5)]  # stopped at the first time >= 4 s
+    assert (steps, sps) == (2048, 2048 / 5.0)
+    assert mjlab_ppo.return_at(points, 4.0) == 1.0 and mjlab_ppo.return_at(points, 2.0) is None
+    # finished: a second call reads the recorded points and does not run the command again
+    assert mjlab_ppo.ppo_curve(folder, ["false"], budget=4.0, env=dict(os.environ)) == (points, sps, steps)
