@@ -135,9 +135,12 @@ def main():
     if args.device not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda, got {args.device}")
     try:
-        import mjlab  # noqa: F401
+        import mjlab.tasks  # noqa: F401  (registers the tasks)
+        from mjlab.tasks.registry import list_tasks
     except ImportError:
         sys.exit("mjlab is not installed: pip install -r requirements-mjlab.txt")
+    if args.task not in list_tasks():
+        parser.error(f"--task {args.task}: not an mjlab task; they are {', '.join(sorted(list_tasks()))}")
 
     folder = os.path.join(args.logdir, f"{args.task}_{args.device}_{args.num_envs}envs_{args.budget:g}s_seed{args.seed}")
     pql_command = [sys.executable, os.path.join(REPO, "pql.py"), "--task", f"mjlab:{args.task}", "--device", args.device,

@@ -379,3 +379,13 @@ def test_mjlab_ppo_reads_rsl_rl_progress_and_stops_the_run_at_the_budget(tmp_pat
     assert mjlab_ppo.return_at(points, 4.0) == 1.0 and mjlab_ppo.return_at(points, 2.0) is None
     # finished: a second call reads the recorded points and does not run the command again
     assert mjlab_ppo.ppo_curve(folder, ["false"], budget=4.0, env=dict(os.environ)) == (points, sps, steps)
+
+
+@pytest.mark.parametrize("flags, named", [(["--budget", "0"], "--budget"), (["--device", "tpu"], "--device"),
+                                          (["--task", "Mjlab-No-Such-Task"], "--task")])
+def test_mjlab_ppo_refuses_bad_flags_before_any_run(flags, named, tmp_path):
+    pytest.importorskip("mjlab", reason="mjlab is not installed (pip install -r requirements-mjlab.txt)")
+    result = subprocess.run([sys.executable, os.path.join(BENCH, "mjlab_ppo.py"), *flags, "--logdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and named in result.stderr, result.stderr[-2000:]
+    assert os.listdir(tmp_path) == []  # nothing ran
