@@ -92,6 +92,7 @@ def ppo_curve(folder, command, budget, env):
                     if seconds >= budget:
                         process.send_signal(signal.SIGINT)
                         break
+            process.stdout.close()  # what it prints while it stops goes nowhere, rather than into a full pipe
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
