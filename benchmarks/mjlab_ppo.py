@@ -42,7 +42,7 @@ MINUTES = (1, 2, 5, 10, 20, 30, 60)  # columns of the table, up to the budget
 PPO_LINE = re.compile(r"^\s*(Total steps|Mean reward|Iteration time):\s+([-0-9.e+]+)")
 
 
-def pql_curve(folder, command, budget):
+def pql_curve(folder, command):
     """Trains pql.py in folder (unless finished there); returns [(training seconds, env steps, return)],
     env steps/s and env steps in all."""
     if not os.path.isfile(os.path.join(folder, "finished.json")):
@@ -114,6 +114,11 @@ def write_finished(folder, command):
         json.dump(dict(command=" ".join(command[1:]).replace(REPO + "/", ""), date=str(datetime.date.today())), f)
 
 
+def run_date(folder):
+    with open(os.path.join(folder, "finished.json")) as f:
+        return json.load(f)["date"]
+
+
 def return_at(points, seconds):
     """The last return logged at or before this many training seconds, or None."""
     earlier = [value for t, _, value in points if t <= seconds]
@@ -153,14 +158,15 @@ def main():
     # mjlab's script picks its device from CUDA_VISIBLE_DEVICES (empty: the CPU); unbuffered, so that
     # each iteration's lines arrive as they are printed.
     ppo_env = dict(os.environ, PYTHONUNBUFFERED="1", **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}))
-    curves = {"pql.py": pql_curve(os.path.join(folder, "pql"), pql_command, args.budget),
+    curves = {"pql.py": pql_curve(os.path.join(folder, "pql"), pql_command),
               "PPO (mjlab's settings)": ppo_curve(os.path.join(folder, "ppo"), ppo_command, args.budget, ppo_env)}
 
     import torch
     from bench_envs import machine_name
     machine = machine_name(torch.device(args.device))
+    dates = " and ".join(sorted({run_date(os.path.join(folder, method)) for method in ("pql", "ppo")}))  # of the runs, which may be resumed ones
     minutes = [m for m in MINUTES if m * 60 <= args.budget]
-    print(f"mjlab:{args.task}, {args.num_envs} envs, seed {args.seed}, {args.budget:g} s of training each; {machine}, {datetime.date.today()}\n")
+    print(f"mjlab:{args.task}, {args.num_envs} envs, seed {args.seed}, {args.budget:g} s of training each; {machine}, {dates}\n")
     columns = ["method", *(f"return after {m} min" for m in minutes), "final return", "env steps", "env steps/s"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for name, (points, sps, steps) in curves.items():
@@ -178,7 +184,7 @@ def main():
     ax.set_title(f"mjlab:{args.task}, {args.num_envs} envs, seed {args.seed}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.text(0.01, 0.01, f"{machine}; {datetime.date.today()}", fontsize=7, color="gray")
+    fig.text(0.01, 0.01, f"{machine}; {dates}", fontsize=7, color="gray")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"mjlab_{args.task}.png")
