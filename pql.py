@@ -294,11 +294,39 @@ def save_checkpoint(path, actor, critic, critic_target, obs_normalizer, args, gl
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what `kill`, a SLURM time limit and a container stop send), raised in the main
-    thread by `raise_terminated` and handled like Ctrl-C: save the checkpoint, then exit (143)."""
+    thread by `on_stop_signal` and handled like Ctrl-C: save the checkpoint, then exit (143)."""
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
+STOPPING = False  # set by the first Ctrl-C or SIGTERM, and when the run starts its final save
+
+
+def on_stop_signal(signum, frame):
+    """Ctrl-C (SIGINT) or SIGTERM: the first stops the training loop, which saves the checkpoint and
+    exits (130 or 143). One that comes while the run is stopping or saving is reported and ignored,
+    so that a second Ctrl-C cannot cut the save short; kill -9 still ends the process at once, and
+    the checkpoint on disk stays whole (saves are atomic)."""
+    if STOPPING:
+        # os.write, not print: a print here could land inside a print of the interrupted code,
+        # which Python refuses (a reentrant call on sys.stderr's buffer).
+        os.write(2, f"\n{signal.Signals(signum).name} ignored: the run is saving its checkpoint, then exits\n".encode())
+        return
+    stopping()
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def stopping():
+    """From here on the run only saves and exits: Ctrl-C and SIGTERM are ignored (on_stop_signal)."""
+    global STOPPING
+    STOPPING = True
+
+
+def catch_stop_signals():
+    """Ctrl-C and SIGTERM go to on_stop_signal from here on."""
+    global STOPPING
+    STOPPING = False
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a shell starts background jobs with Ctrl-C ignored: keep that
+        signal.signal(signal.SIGINT, on_stop_signal)
 
 
 def progress_bar(total):
@@ -941,6 +969,7 @@ def train(args, env, eval_env, device):
         received = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
         exit_code = 128 + received  # the shell's convention: 130 after Ctrl-C, 143 after SIGTERM
         print(f"\ninterrupted at env step {global_step} ({received.name}); saving {checkpoint_path}", file=sys.stderr)
+    stopping()  # a Ctrl-C from here on cannot cut the final save short
     progress.close()
     if exit_code != 1:  # after a non-finite value, keep the last good checkpoint instead
         if first_nonfinite_iteration.item() == float("inf") and save_checkpoint(
@@ -955,7 +984,7 @@ def train(args, env, eval_env, device):
 
 def main():
     args = parse_args()
-    signal.signal(signal.SIGTERM, raise_terminated)
+    catch_stop_signals()
     # Everything that can be wrong with the input is checked here, before any work starts.
     try:
         validate_args(args)
