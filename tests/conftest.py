@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from test_pql import REPO, deterministic_return, start_learning_run
+from test_pql import REPO, deterministic_return, end_with_parent, start_learning_run
 
 
 # The two slowest pieces of work that do not depend on timing start as soon as the tests are
@@ -39,11 +39,12 @@ def pytest_collection_finish(session):
         warm_up = "import torch, envs; env = envs.make_env('mjlab:Mjlab-Cartpole-Balance', 2); env.reset(); env.step(torch.zeros(2, 1))"
         lowest_priority = ["nice", "-n", "19"] if shutil.which("nice") else []
         BACKGROUND["mjlab"] = subprocess.Popen([*lowest_priority, sys.executable, "-c", warm_up], cwd=REPO,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=end_with_parent)
 
 
 def pytest_sessionfinish(session):
-    """Stops what is still running (after -x, Ctrl-C or a deselected waiter) and removes its folders."""
+    """Stops what is still running (after -x, Ctrl-C or a deselected waiter) and removes its folders.
+    (If pytest itself is killed, the kernel ends the background runs: end_with_parent.)"""
     for process, folder in BACKGROUND.get("pql_pendulum", {}).values():
         process.kill()
         process.communicate()

@@ -1,5 +1,6 @@
 """Tests of pql.py: the parts against independent references, then the script as users run it."""
 import copy
+import ctypes
 import glob
 import importlib
 import os
@@ -568,15 +569,27 @@ def test_ctrl_c_and_sigterm_save_the_checkpoint_and_exit_cleanly(tmp_path, signa
     assert seconds_to_exit < 15
 
 
+PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None  # looked up here, not in a forked child
+
+
+def end_with_parent():
+    """A child's preexec_fn: on Linux the kernel kills the child when the process that started it
+    ends, however it ends (pytest killed by a CI time limit leaves no training runs behind)."""
+    if PRCTL is not None:
+        PRCTL(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def start_learning_run(script, extra_flags, cwd, one_thread=False, background=False):
     """Start training Pendulum with small settings, a fixed seed and a fixed budget of env steps.
-    `background`: at the lowest CPU priority (nice 19), so that it only takes time no other work wants."""
+    `background`: at the lowest CPU priority (nice 19), so that it only takes time no other work wants,
+    and ended with this process (end_with_parent), since it may outlive the test that started it."""
     lowest_priority = ["nice", "-n", "19"] if background and shutil.which("nice") else []
     process = subprocess.Popen([*lowest_priority, sys.executable, os.path.join(REPO, script), "--task", "Pendulum", "--num-envs", "64",
                                 "--hidden-dims", "64", "64", "--batch-size", "1024", "--device", "cpu",
                                 "--total-timesteps", "51200", "--seed", "1", *extra_flags],
                                cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, OMP_NUM_THREADS="1") if one_thread else None)
+                               env=dict(os.environ, OMP_NUM_THREADS="1") if one_thread else None,
+                               preexec_fn=end_with_parent if background else None)
     process.started_at = time.time()
     return process
 
