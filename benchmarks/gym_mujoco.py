@@ -211,10 +211,12 @@ def plot(results, tasks, methods, footer_text, out):
     written = []
     for task in tasks:
         fig, (ax_steps, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
+        shown = []  # the methods with runs of this task, for the title
         for method in methods:
             data = [r["returns"] for r in results if r["task"] == task and r["method"] == method and r["returns"]]
             if not data:
                 continue
+            shown.append(LABELS[method])
             label = f"{LABELS[method]} ({len(data)} seed{'s' if len(data) > 1 else ''})"
             for ax, column, log_x in ((ax_steps, 0, True), (ax_time, 1, False)):
                 draw_seeds(ax, [[point[column] for point in points] for points in data], [[point[2] for point in points] for points in data],
@@ -230,7 +232,7 @@ def plot(results, tasks, methods, footer_text, out):
         ax_steps.set_xscale("log")
         ax_steps.legend(fontsize=6, loc="upper left")
         ax_time.legend(fontsize=7, loc="upper left")
-        fig.suptitle(f"{task}: PQL and PPO, the same training seconds per run (line and band: mean and min-max over seeds)")
+        fig.suptitle(f"{task}: {', '.join(shown)}, the same training seconds per run (line and band: mean and min-max over seeds)")
         fig.text(0.01, 0.01, footer_text, fontsize=7, color="gray")
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         path = os.path.join(out, f"mujoco_{task.split(':')[-1].split('-')[0]}.png")
