@@ -902,8 +902,9 @@ def train(args, env, eval_env, device):
     obs = env.reset()
     eval_obs = eval_env.reset() if eval_env is not None else None
     exit_code, iteration = 0, 0
+    out_of_budget = False  # set by the iteration that reaches --total-timesteps or --max-time
     try:
-        while global_step < args.total_timesteps and time.time() - start_time < args.max_time:
+        while not out_of_budget:
             # ---- actor: one step of all envs ----
             if iteration < args.warmup_iterations:
                 actions = torch.rand(args.num_envs, env.act_dim, device=device) * 2 - 1
@@ -944,9 +945,11 @@ def train(args, env, eval_env, device):
             iteration_on_device += 1
             iteration += 1
             progress.update(args.num_envs)
+            out_of_budget = global_step >= args.total_timesteps or time.time() - start_time >= args.max_time
 
-            # ---- logging and checkpoints: the only host syncs of the loop ----
-            if iteration % args.log_interval == 0:
+            # ---- logging and checkpoints: the only host syncs of the loop; every --log-interval
+            # iterations, and after the last one, so that the logs reach the run's end ----
+            if iteration % args.log_interval == 0 or out_of_budget:
                 bad_iteration = first_nonfinite_iteration.item()
                 if bad_iteration != float("inf"):
                     bad_step = (int(bad_iteration) + 1) * args.num_envs
@@ -958,7 +961,7 @@ def train(args, env, eval_env, device):
                 for value in stats.values():
                     value.zero_()
                 mean_return = write_scalars(writer, sums, global_step, v_updates, time.time() - start_time, mean_return, progress, args)
-                if time.time() - last_save_time > args.save_interval:
+                if time.time() - last_save_time > args.save_interval and not out_of_budget:  # the end saves below
                     if not save_checkpoint(checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step):
                         print(f"error: non-finite weights at env step {global_step}; stopping, the last good checkpoint is"
                               f" {checkpoint_path}", file=sys.stderr)

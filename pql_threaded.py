@@ -1208,11 +1208,12 @@ def train(args, env, eval_env, devices):
     start_time = last_save_time = time.time()
     progress = progress_bar(args.total_timesteps)
     exit_code, iteration, error = 0, 0, None
+    out_of_budget = False  # set by the iteration that reaches --total-timesteps or --max-time
     try:
         with role_streams(actor_device, v_device):
             obs = env.reset()
             eval_obs = eval_env.reset() if eval_env is not None else None
-            while global_step < args.total_timesteps and time.time() - start_time < args.max_time:
+            while not out_of_budget:
                 if not coordinator.wait_until(coordinator.actor_may_step, deadline=start_time + args.max_time):
                     break  # a learner failed (its exception is re-raised below), or the time ran out waiting
                 # ---- actor: one step of all envs ----
@@ -1242,9 +1243,11 @@ def train(args, env, eval_env, devices):
                 if iteration % args.sync_interval == 0:
                     normalizer_mailbox.publish({"obs_normalizer": obs_normalizer})
                 progress.update(args.num_envs)
+                out_of_budget = global_step >= args.total_timesteps or time.time() - start_time >= args.max_time
 
-                # ---- logging and checkpoints: the only host syncs of the actor's loop ----
-                if iteration % args.log_interval == 0:
+                # ---- logging and checkpoints: the only host syncs of the actor's loop; every
+                # --log-interval iterations, and after the last one, so that the logs reach the run's end ----
+                if iteration % args.log_interval == 0 or out_of_budget:
                     bad_iteration = first_nonfinite_iteration.item()
                     nonfinite_updates = v_stats["critic_nonfinite"].item() + p_stats["actor_nonfinite"].item()
                     if bad_iteration != float("inf") or nonfinite_updates > 0:
@@ -1256,7 +1259,7 @@ def train(args, env, eval_env, devices):
                     mean_return, last_log, last_sums = log_progress(
                         writer, coordinator, [actor_stats, v_stats, p_stats], last_log, last_sums, global_step,
                         time.time() - start_time, mean_return, progress, args)
-                    if time.time() - last_save_time > args.save_interval:
+                    if time.time() - last_save_time > args.save_interval and not out_of_budget:  # the end saves below
                         if not save_published_checkpoint(checkpoint_path, policy_mailbox, critic_mailbox, obs_normalizer, args, global_step):
                             print(f"error: non-finite weights at env step {global_step}; stopping, the last good checkpoint is"
                                   f" {checkpoint_path}", file=sys.stderr)

@@ -401,7 +401,8 @@ def read_scalars(run_dir):
 
 
 def test_cli_tiny_run_writes_scalars_checkpoint_and_evaluates(tmp_path):
-    result = run_pql(SMALL + ["--total-timesteps", "6400"], tmp_path)  # 400 iterations: 2 episode ends
+    # 400 iterations, 2 episode ends (at 200 and 400), logged every 30 iterations and after the last.
+    result = run_pql(SMALL + ["--total-timesteps", "6400", "--log-interval", "30"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "sized for a GPU" not in result.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "Pendulum__pql__1__*"))
@@ -409,6 +410,8 @@ def test_cli_tiny_run_writes_scalars_checkpoint_and_evaluates(tmp_path):
     for tag in ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/v_updates_per_s",
                 "losses/critic_loss", "losses/actor_loss", "losses/q_mean", "eval/episodic_return"]:
         assert scalars.get(tag), f"{tag} missing"
+    assert [step for step, _ in scalars["charts/SPS"]] == [30 * 16 * i for i in range(1, 14)] + [6400]
+    assert [step for step, _ in scalars["charts/episodic_return"]] == [210 * 16, 6400]
     assert [value for _, value in scalars["charts/episodic_length"]] == [200.0, 200.0]
     # The deterministic policy's return, from its own envs: logged where their episodes end, like the training return.
     assert [step for step, _ in scalars["eval/episodic_return"]] == [step for step, _ in scalars["charts/episodic_return"]]

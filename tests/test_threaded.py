@@ -33,7 +33,8 @@ def run_threaded(args, cwd, timeout=300):
 
 
 def test_short_run_writes_scalars_checkpoint_and_holds_the_ratios(tmp_path):
-    # 504 iterations: logged every 50, so each logged ratio is over 50 iterations after warm-up.
+    # 504 iterations: logged every 50, so each of the first 10 logged ratios is over 50 iterations
+    # after warm-up; the 11th log is the run's last 4 iterations.
     result = run_threaded(SMALL + ["--total-timesteps", str(504 * 16), "--log-interval", "50",
                                    "--v-updates-per-env-step", "4", "--v-updates-per-p-update", "3"], tmp_path)
     assert result.returncode == 0, result.stderr
@@ -43,8 +44,9 @@ def test_short_run_writes_scalars_checkpoint_and_holds_the_ratios(tmp_path):
                 "losses/critic_loss", "losses/actor_loss", "losses/q_mean",
                 "charts/v_updates_per_env_step", "charts/v_updates_per_p_update"]:
         assert scalars.get(tag), f"{tag} missing"
-    v_per_step = [value for _, value in scalars["charts/v_updates_per_env_step"]]
-    v_per_p = [value for _, value in scalars["charts/v_updates_per_p_update"]]
+    assert [step for step, _ in scalars["charts/SPS"]] == [50 * 16 * i for i in range(1, 11)] + [504 * 16]
+    v_per_step = [value for _, value in scalars["charts/v_updates_per_env_step"][:10]]
+    v_per_p = [value for _, value in scalars["charts/v_updates_per_p_update"][:10]]
     assert len(v_per_step) == 10 and all(abs(r - 4) <= 0.4 for r in v_per_step), v_per_step
     assert all(abs(r - 3) <= 0.3 for r in v_per_p), v_per_p
     assert [value for _, value in scalars["charts/episodic_length"]] == [200.0] * 2
@@ -122,26 +124,42 @@ POISON_CRITIC = textwrap.dedent('''
     import torch
     sys.path.insert(0, {repo!r})
     import pql_threaded
-    original, calls = pql_threaded.update_critic, [0]
+    original_update, original_make_env, calls = pql_threaded.update_critic, pql_threaded.envs.make_env, [0]
 
     def poisoned(critic, *args, **kwargs):
         calls[0] += 1
-        if calls[0] == 30:  # the critic diverges after the last log
+        if calls[0] == 30:  # the critic diverges between two logs
             with torch.no_grad():
                 next(critic.parameters()).fill_(float("nan"))
-        return original(critic, *args, **kwargs)
+        return original_update(critic, *args, **kwargs)
+
+    def env_interrupted_at_its_40th_step(*args, **kwargs):  # as if Ctrl-C came then
+        env = original_make_env(*args, **kwargs)
+        real_step, steps = env.step, [0]
+
+        def step(actions):
+            steps[0] += 1
+            if steps[0] == 40:
+                raise KeyboardInterrupt
+            return real_step(actions)
+        env.step = step
+        return env
 
     pql_threaded.update_critic = poisoned
+    pql_threaded.envs.make_env = env_interrupted_at_its_40th_step
     sys.argv = ["pql_threaded.py", *{args!r}]
     sys.exit(pql_threaded.main())
 ''')
 
 
 def test_a_loss_that_turns_nonfinite_after_the_last_log_never_reaches_the_checkpoint(tmp_path):
-    # 40 iterations and --log-interval 1000: the learners' counters are looked at only at the end.
-    code = POISON_CRITIC.format(repo=REPO, args=SMALL + ["--total-timesteps", str(40 * 16), "--log-interval", "1000"])
+    # --log-interval 1000 and Ctrl-C at iteration 40, long after the critic's 30th update (the actor
+    # waits for the V-learner): no log saw the non-finite loss, so only the look at the learners'
+    # counters after they stopped can keep it out of the final checkpoint.
+    code = POISON_CRITIC.format(repo=REPO, args=SMALL + ["--total-timesteps", str(1000 * 16), "--log-interval", "1000"])
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
+    assert "interrupted at env step 624" in result.stderr, result.stderr
     assert "non-finite" in result.stderr and "checkpoint not updated" in result.stderr
     assert not glob.glob(str(tmp_path / "runs" / "*" / "model.pt"))
 
