@@ -190,7 +190,7 @@ TASK_DEFAULTS = {
 def parse_args(argv=None):
     """The command line's Args, on top of the defaults of the task it names (TASK_DEFAULTS)."""
     task_flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    task_flag.add_argument("--task", default=Args.task)
+    task_flag.add_argument("--task", nargs="?", default=Args.task)  # a bare --task: tyro reports it below
     task = task_flag.parse_known_args(argv)[0].task
     return tyro.cli(Args, args=argv, default=Args(**TASK_DEFAULTS.get(task, {})))
 

@@ -636,3 +636,15 @@ def test_task_defaults_apply_when_the_task_is_named_and_flags_still_win(script):
     for task, settings in module.TASK_DEFAULTS.items():
         assert set(settings) <= set(module.Args.__dataclass_fields__), task
         module.validate_args(module.parse_args(["--task", task]))
+
+
+@pytest.mark.parametrize("script", ["pql", "pql_threaded"])
+def test_a_bare_task_flag_gets_tyros_error_not_a_one_flag_usage_line(script, capsys):
+    # The small parser that looks for the task's defaults first must leave the error to tyro, whose
+    # message points to the full --help, instead of printing a usage line that knows only --task.
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--seed", "3", "--task"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--task" in err and "--help" in err
+    assert "[--task TASK]" not in err
