@@ -53,6 +53,10 @@ COLORS = {"pql": "tab:blue", "pql_threaded": "tab:green", "ppo": "tab:red"}
 # return at 200k; a run that ends short of a milestone is left out of that cell, which says so.
 DEFAULT_BUDGET = 1800.0
 MILESTONES = (100_000, 200_000)  # env steps at which the table compares returns
+# "At the end" is one logged value, as noisy as the episodes that ended just then (PPO logs a few
+# episodes per rollout); the table also gives the mean of every value logged in the last tenth of a
+# run's training time, the fairer figure for "which is better at equal wall-clock".
+LAST_PART = 0.1
 
 # Published returns on the same tasks (older versions of them), to hold ours against. Each: algorithm
 # -> {env steps: (mean, std over seeds)}, with where the numbers come from and how they were measured.
@@ -149,6 +153,14 @@ def value_at(run, name, step):
     return before[-1] if before else None
 
 
+def mean_of_last_part(run, name):
+    """The mean of the run's `name` values logged in the last LAST_PART of its training seconds, or
+    None if it logged none then."""
+    seconds = run["env_steps"] / run["env_steps_per_s"] if run["env_steps_per_s"] else float("nan")
+    values = [value for _, at_seconds, value in run[name] if at_seconds >= (1 - LAST_PART) * seconds]
+    return mean(values) if values else None
+
+
 def summarize(results, tasks, methods):
     """Per (task, method): runs, mean returns at the milestones and at the end, env steps, SPS, seconds."""
     rows = {}
@@ -161,6 +173,7 @@ def summarize(results, tasks, methods):
                     values = [v for v in (value_at(r, name, milestone) for r in runs) if v is not None]
                     row[name, milestone], row["count", milestone] = mean(values), len(values)
                 row[name, "end"] = mean([r[name][-1][2] for r in runs if r[name]])
+                row[name, "last part"] = mean([v for v in (mean_of_last_part(r, name) for r in runs) if v is not None])
             row["steps"] = mean([r["env_steps"] for r in runs])
             row["sps"] = mean([r["env_steps_per_s"] for r in runs if r["env_steps_per_s"]])
             row["seconds"] = mean([r["env_steps"] / r["env_steps_per_s"] for r in runs if r["env_steps_per_s"]])
@@ -170,19 +183,20 @@ def summarize(results, tasks, methods):
 
 def print_table(rows, tasks, methods, header):
     print(header + "\n")
-    print("| task | method | runs | return at 100k | at 200k | at the end | env steps at the end | env steps/s | training s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| task | method | runs | return at 100k | at 200k | at the end | mean over the last {LAST_PART:.0%} of the time |"
+          " env steps at the end | env steps/s | training s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for task in tasks:
         for method in methods:
             r = rows[task, method]
             if r["runs"] == 0:
                 continue
             cells = []
-            for key in (*MILESTONES, "end"):
+            for key in (*MILESTONES, "end", "last part"):
                 cell = fmt(r["returns", key], ".0f")
                 if method != "ppo":
                     cell += f" ({fmt(r['training_returns', key], '.0f')})"
-                if key != "end" and 0 < r["count", key] < r["runs"]:
+                if key in MILESTONES and 0 < r["count", key] < r["runs"]:
                     cell += f" [{r['count', key]} of {r['runs']} runs]"  # the others ended before this step
                 cells.append(cell)
             print(f"| {task} | {LABELS[method]} | {r['runs']} | " + " | ".join(cells) +
@@ -191,9 +205,10 @@ def print_table(rows, tasks, methods, header):
             cells = [f"{returns[key][0]:.0f} ± {returns[key][1]:.0f}" if key in returns else "-" for key in MILESTONES]
             final = max(returns)
             print(f"| {task} | {algorithm} | | " + " | ".join(cells) +
-                  f" | {returns[final][0]:.0f} ± {returns[final][1]:.0f} | {final:,} | | |")
+                  f" | {returns[final][0]:.0f} ± {returns[final][1]:.0f} | | {final:,} | | |")
     print("\nReturns are means over the runs (PQL: its deterministic policy, with the training return in"
-          " brackets; PPO: its training return), each the last logged at or before that env step; env steps/s"
+          " brackets; PPO: its training return), each the last logged at or before that env step, and the mean of"
+          f" all those logged in the last {LAST_PART:.0%} of each run's training seconds; env steps/s"
           " over the whole run, warm-up and evaluation envs included; published rows: mean ± std over their seeds.")
     for source in PUBLISHED_SOURCES:
         print(f"- {source}")

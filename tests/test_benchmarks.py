@@ -329,6 +329,9 @@ def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_
     assert row["runs"] == 3 and row["returns", 100_000] == pytest.approx((200 + 600 + 900) / 3)  # logged at 96k, 80k, 90k
     assert row["returns", 200_000] == (400 + 1000) / 2 and (row["count", 100_000], row["count", 200_000]) == (3, 2)
     assert row["returns", "end"] == pytest.approx((500 + 700 + 1000) / 3)
+    # The mean over the last tenth of each run's training seconds: pql_1's 500 (at 960 of 1,033 s), pql_2's
+    # 700 (at 1,000 of 1,000 s); pql_3 logged nothing after 900 of its 1,015 s, so it is left out.
+    assert row["returns", "last part"] == (500 + 700) / 2 and row["training_returns", "last part"] == (50 + 70) / 2
     assert row["training_returns", 100_000] == pytest.approx((20 + 60 + 90) / 3)
 
     results = tmp_path / "results.jsonl"
@@ -337,9 +340,9 @@ def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_
     results.write_text("\n".join(lines) + "\n")
     gym_mujoco.main(["--no-run", "--budget", "1500", "--results", str(results), "--figures", str(tmp_path)])
     captured = capsys.readouterr()
-    assert "| gym:Hopper-v5 | pql.py | 2 | 400 (40) | 400 (40) [1 of 2 runs] | 600 (60) | 199,000 | 195 | 1017 |" in captured.out
-    assert "| gym:Hopper-v5 | PPO (rsl_rl) | 1 | 30 | 90 | 1500 | 3,000,000 | 2,000 | 1500 |" in captured.out  # not the 60 s run
-    assert "| gym:Hopper-v5 | TD3, paper (v1) | | 659 ± 752 | 2441 ± 746 | 3391 ± 378 | 1,000,000 | | |" in captured.out
+    assert "| gym:Hopper-v5 | pql.py | 2 | 400 (40) | 400 (40) [1 of 2 runs] | 600 (60) | 600 (60) | 199,000 | 195 | 1017 |" in captured.out
+    assert "| gym:Hopper-v5 | PPO (rsl_rl) | 1 | 30 | 90 | 1500 | 1500 | 3,000,000 | 2,000 | 1500 |" in captured.out  # not the 60 s run
+    assert "| gym:Hopper-v5 | TD3, paper (v1) | | 659 ± 752 | 2441 ± 746 | 3391 ± 378 | | 1,000,000 | | |" in captured.out
     assert "is not a result line; skipped" in captured.err
     assert (tmp_path / "mujoco_Hopper.png").stat().st_size > 10_000
     # PQL's runs take the task's settings from pql.TASK_DEFAULTS, which their command does not repeat;
