@@ -14,6 +14,9 @@ Returns: PQL's is its deterministic policy's, on evaluation envs of its own (eva
 no exploration noise), with the training return (exploration noise up to std 0.8) beside it;
 PPO's is its training return (its Gaussian policy, as rsl_rl and CleanRL report it). "At 100k"
 is the last return logged at or before 100,000 env steps, averaged over the seeds that got there.
+After training, each run's final policy is also run without noise on 10 fresh envs, the same way for
+both methods (PQL: `pql.py --eval-checkpoint`; PPO: its mean action, by ppo.py): the fair answer to
+"which is better after the same wall-clock", since PPO's learned std stays near 0.8 on these tasks.
 
     python benchmarks/gym_mujoco.py                          # 2 tasks x 3 methods x 2 seeds, 30 min each: about 6 hours on 2 cores
     python benchmarks/gym_mujoco.py --tasks gym:Hopper-v5 --methods pql --seeds 1   # one run; later commands add to the same results
@@ -27,6 +30,7 @@ import datetime
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +61,10 @@ MILESTONES = (100_000, 200_000)  # env steps at which the table compares returns
 # episodes per rollout); the table also gives the mean of every value logged in the last tenth of a
 # run's training time, the fairer figure for "which is better at equal wall-clock".
 LAST_PART = 0.1
+# Last, each run's final policy without noise, on fresh envs after training (outside its budget), the
+# same way for both methods: PQL's checkpoint through `pql.py --eval-checkpoint`, PPO's mean action
+# through ppo.py's own evaluation (PPO's training return samples with a std that stays near 0.8).
+FINAL_EVAL_EPISODES = 10
 
 # Published returns on the same tasks (older versions of them), to hold ours against. Each: algorithm
 # -> {env steps: (mean, std over seeds)}, with where the numbers come from and how they were measured.
@@ -127,6 +135,25 @@ def result_line(run_dir, method, task, seed, budget, device, command, commit, ma
     }
 
 
+def final_policy_return(method, run_dir, seed, device):
+    """The mean return of the run's final policy without exploration noise, over FINAL_EVAL_EPISODES
+    fresh envs (seeded seed + 10,000), or None if the run left no such policy (a PPO run logged before
+    ppo.py evaluated its final policy). PPO's was measured by ppo.py at the end of training."""
+    if method == "ppo":
+        logged = read_scalars(run_dir, "eval/episodic_return")
+        return logged[-1][1] if logged else None
+    checkpoint = os.path.join(run_dir, "model.pt")
+    if not os.path.isfile(checkpoint):
+        return None
+    command = [sys.executable, os.path.join(REPO, "pql.py"), "--eval-checkpoint", checkpoint, "--eval-episodes",
+               str(FINAL_EVAL_EPISODES), "--seed", str(seed + 10_000), "--device", device]
+    result = subprocess.run(command, capture_output=True, text=True)
+    found = re.search(r"mean return (-?[0-9.]+) ", result.stdout)
+    if result.returncode != 0 or not found:
+        raise RuntimeError(f"{' '.join(command)} failed with code {result.returncode}:\n{result.stderr[-3000:]}")
+    return float(found.group(1))
+
+
 def train(method, task, seed, device, budget, logdir):
     """One training run in a subprocess, in logdir/{budget}s_{device}/runs; returns its result line.
     Runs as a Ray task (benchmarks/grid.py); a folder left by an unfinished attempt is removed first."""
@@ -141,7 +168,27 @@ def train(method, task, seed, device, budget, logdir):
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with code {result.returncode}:\n{result.stderr[-3000:]}")
     (run_dir,) = glob.glob(pattern)
-    return result_line(run_dir, method, task, seed, budget, device, " ".join(command[1:]).replace(REPO + "/", ""), commit, machine)
+    line = result_line(run_dir, method, task, seed, budget, device, " ".join(command[1:]).replace(REPO + "/", ""), commit, machine)
+    return dict(line, final_return=final_policy_return(method, run_dir, seed, device))
+
+
+def runs_done(results, logdir, results_path):
+    """The keys of the finished runs among `results`. A PQL run logged before final policies were
+    evaluated gets that evaluation now, from its checkpoint under logdir (the completed line is
+    appended to results_path); a PPO run logged before ppo.py evaluated its final policy left none
+    to evaluate, so it is not done: it runs again, and its new line takes the old one's place."""
+    done = set()
+    for r in results:
+        if "final_return" not in r and r["method"] != "ppo":
+            folder = os.path.join(logdir, f"{r['budget']:g}s_{r['device']}", "runs")
+            found = sorted(glob.glob(os.path.join(folder, f"{r['task'].replace(':', '-')}__{r['method']}__{r['seed']}__*")))
+            if found and os.path.isfile(os.path.join(found[-1], "model.pt")):
+                r = dict(r, final_return=final_policy_return(r["method"], found[-1], r["seed"], r["device"]))
+                with open(results_path, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+        if "final_return" in r:
+            done.add(run_key(r["task"], r["method"], r["seed"], r["budget"], r["device"]))
+    return done
 
 
 def value_at(run, name, step):
@@ -174,6 +221,8 @@ def summarize(results, tasks, methods):
                     row[name, milestone], row["count", milestone] = mean(values), len(values)
                 row[name, "end"] = mean([r[name][-1][2] for r in runs if r[name]])
                 row[name, "last part"] = mean([v for v in (mean_of_last_part(r, name) for r in runs) if v is not None])
+            finals = [r["final_return"] for r in runs if r.get("final_return") is not None]
+            row["final"], row["count", "final"] = mean(finals), len(finals)
             row["steps"] = mean([r["env_steps"] for r in runs])
             row["sps"] = mean([r["env_steps_per_s"] for r in runs if r["env_steps_per_s"]])
             row["seconds"] = mean([r["env_steps"] / r["env_steps_per_s"] for r in runs if r["env_steps_per_s"]])
@@ -184,8 +233,8 @@ def summarize(results, tasks, methods):
 def print_table(rows, tasks, methods, header):
     print(header + "\n")
     print(f"| task | method | runs | return at 100k | at 200k | at the end | mean over the last {LAST_PART:.0%} of the time |"
-          " env steps at the end | env steps/s | training s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          " final policy, no noise | env steps at the end | env steps/s | training s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for task in tasks:
         for method in methods:
             r = rows[task, method]
@@ -199,16 +248,19 @@ def print_table(rows, tasks, methods, header):
                 if key in MILESTONES and 0 < r["count", key] < r["runs"]:
                     cell += f" [{r['count', key]} of {r['runs']} runs]"  # the others ended before this step
                 cells.append(cell)
+            final = fmt(r["final"], ".0f")
+            cells.append(final + (f" [{r['count', 'final']} of {r['runs']} runs]" if 0 < r["count", "final"] < r["runs"] else ""))
             print(f"| {task} | {LABELS[method]} | {r['runs']} | " + " | ".join(cells) +
                   f" | {fmt(r['steps'], ',.0f')} | {fmt(r['sps'], ',.0f')} | {fmt(r['seconds'], '.0f')} |")
         for algorithm, returns in PUBLISHED.get(task, {}).items():
             cells = [f"{returns[key][0]:.0f} ± {returns[key][1]:.0f}" if key in returns else "-" for key in MILESTONES]
             final = max(returns)
             print(f"| {task} | {algorithm} | | " + " | ".join(cells) +
-                  f" | {returns[final][0]:.0f} ± {returns[final][1]:.0f} | | {final:,} | | |")
+                  f" | {returns[final][0]:.0f} ± {returns[final][1]:.0f} | | | {final:,} | | |")
     print("\nReturns are means over the runs (PQL: its deterministic policy, with the training return in"
           " brackets; PPO: its training return), each the last logged at or before that env step, and the mean of"
-          f" all those logged in the last {LAST_PART:.0%} of each run's training seconds; env steps/s"
+          f" all those logged in the last {LAST_PART:.0%} of each run's training seconds; the final policy without"
+          f" exploration noise (PPO: its mean action) on {FINAL_EVAL_EPISODES} fresh envs after training; env steps/s"
           " over the whole run, warm-up and evaluation envs included; published rows: mean ± std over their seeds.")
     for source in PUBLISHED_SOURCES:
         print(f"- {source}")
@@ -331,7 +383,7 @@ def main(argv=None):
         logdir = os.path.abspath(args.logdir)
         os.makedirs(logdir, exist_ok=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-        done = {run_key(r["task"], r["method"], r["seed"], r["budget"], r["device"]) for r in read_results()}
+        done = runs_done(read_results(), logdir, args.results)
         jobs = [(run_key(task, method, seed, args.budget, args.device), train, (method, task, seed, args.device, args.budget, logdir))
                 for task in args.tasks for method in args.methods for seed in args.seeds
                 if run_key(task, method, seed, args.budget, args.device) not in done]

@@ -132,6 +132,29 @@ class RslRlVecEnv(VecEnv):
         return self._observations(), reward * self.reward_scale, ended.long(), extras
 
 
+def evaluate_deterministic(policy, task, episodes, device, seed):
+    """The trained policy's mean action, no sampling (as pql.py --eval-checkpoint runs PQL's actor):
+    one episode on each of `episodes` fresh envs; returns (returns, lengths) as CPU tensors."""
+    env = envs.make_env(task, episodes, device=device, seed=seed)
+    returns = torch.zeros(episodes, device=env.device)
+    lengths = torch.zeros(episodes, device=env.device)
+    finished = torch.zeros(episodes, dtype=torch.bool, device=env.device)
+    obs = env.reset()
+    with torch.no_grad():
+        for _ in range(env.max_episode_length + 2):  # +2: an Isaac Gym lazy reset step, and slack
+            actions = policy(TensorDict({"policy": obs}, batch_size=[episodes], device=env.device))
+            obs, _, terminated, truncated, info = env.step(actions)
+            just_finished = (terminated | truncated) & ~finished
+            returns = torch.where(just_finished, info["episode_return"], returns)
+            lengths = torch.where(just_finished, info["episode_length"], lengths)
+            finished |= just_finished
+            if bool(finished.all()):
+                break
+    if hasattr(env, "close"):
+        env.close()
+    return returns[finished].cpu(), lengths[finished].cpu()
+
+
 def train_cfg(hidden_dims, args):
     """rsl_rl 5.x runner configuration: the massively parallel PPO settings of legged_gym / Isaac Lab."""
     model = {"class_name": "MLPModel", "hidden_dims": list(hidden_dims), "activation": "elu", "obs_normalization": True}
@@ -175,10 +198,14 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--entropy-coef", type=float, default=0.005)
     parser.add_argument("--init-noise-std", type=float, default=1.0)
+    parser.add_argument("--eval-episodes", type=int, default=10,
+                        help="after training, episodes of the policy's mean action (no sampling), one per fresh env; 0: none")
     parser.add_argument("--exp-name", default="ppo")
     args = parser.parse_args(argv)
     if args.num_envs < 1 or args.total_timesteps < 1 or args.max_time <= 0 or args.num_steps_per_env < 1:
         parser.error("--num-envs, --total-timesteps, --num-steps-per-env must be >= 1 and --max-time > 0")
+    if args.eval_episodes < 0:
+        parser.error("--eval-episodes must be >= 0")
     if args.num_envs * args.num_steps_per_env < 4:
         parser.error("--num-envs x --num-steps-per-env must be >= 4 (4 mini-batches)")
     return args
@@ -225,6 +252,17 @@ def main(argv=None):
         writer.add_scalar("charts/action_std", runner.alg.get_policy().distribution.std_param.mean().item(), step)
         if iteration % 10 == 0:
             print(f"iteration {iteration}: {step} env steps, {step / elapsed:.0f} SPS, return {mean_return:.1f}", flush=True)
+    if args.eval_episodes > 0 and args.task.startswith("isaacgym:"):
+        print("no evaluation of the final policy: Isaac Gym allows one simulator per process")
+    elif args.eval_episodes > 0:
+        # The training return above comes from sampled actions (rsl_rl's learned std stays near 0.8 on the
+        # MuJoCo tasks); PQL's table figure is its deterministic policy's: this is PPO's, at the end.
+        returns, lengths = evaluate_deterministic(runner.get_inference_policy(args.device), args.task, args.eval_episodes,
+                                                  args.device, args.seed + 10_000)
+        writer.add_scalar("eval/episodic_return", returns.mean().item(), vec_env.global_step)
+        writer.add_scalar("eval/episodic_length", lengths.mean().item(), vec_env.global_step)
+        print(f"deterministic policy: mean return {returns.mean():.2f} +- {returns.std(unbiased=False):.2f} over"
+              f" {len(returns)} episodes (mean length {lengths.mean():.1f})")
     writer.close()
     print(f"{run_name}: {vec_env.global_step} env steps ({steps_per_iteration} per iteration) in "
           f"{time.time() - start_time:.1f} s; latest mean return {mean_return:.2f}")

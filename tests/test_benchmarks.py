@@ -67,12 +67,39 @@ def test_ppo_adapter_reports_time_limits_as_time_outs():
     assert int(vec_env.episode_length_buf.max()) == 0  # all reset together
 
 
+def test_ppo_final_evaluation_runs_the_policys_mean_action_one_episode_per_env():
+    import ppo
+    from rsl_rl.runners import OnPolicyRunner
+
+    import envs
+    # The runner's inference policy, the one ppo.py evaluates, gives the mean action: the same twice,
+    # unlike the sampled actions of training.
+    vec_env = ppo.RslRlVecEnv(envs.make_env("Pendulum", 4, device="cpu", seed=0))
+    runner = OnPolicyRunner(vec_env, ppo.train_cfg([8], ppo.parse_args([])), log_dir=None, device="cpu")
+    policy, obs = runner.get_inference_policy("cpu"), vec_env.get_observations()
+    assert torch.equal(policy(obs), policy(obs)) and not torch.equal(policy(obs, stochastic_output=True), policy(obs))
+    # The returns and lengths against stepping the same seeded envs by hand with the same (constant) action.
+    returns, lengths = ppo.evaluate_deterministic(lambda td: torch.full((td.batch_size[0], 1), 0.3), "Pendulum", 3, "cpu", seed=7)
+    reference, by_hand = envs.make_env("Pendulum", 3, device="cpu", seed=7), torch.zeros(3)
+    reference.reset()
+    for _ in range(200):
+        _, reward, _, _, _ = reference.step(torch.full((3, 1), 0.3))
+        by_hand += reward
+    assert torch.allclose(returns, by_hand, rtol=1e-4) and torch.equal(lengths, torch.full((3,), 200.0))
+    assert len(set(returns.tolist())) == 3  # three different starts
+
+
 def test_learning_curves_quick(learning_logs):
     logdir, out = learning_logs
     for label in ["pql.py", "pql_threaded.py", "PPO (rsl_rl)"]:
         rows = table_rows(out, "Reacher (-8) | " + label + " |")
         assert len(rows) == 1, out
     assert "Machine:" in out and "| Reacher | " in out, out  # the machine line and the ratios' row
+    # ppo.py ends with its final policy's mean action on 10 fresh envs, logged once at its last step.
+    from solve_times import read_scalars
+    (ppo_run,) = (logdir / "runs").glob("Reacher__ppo__1__*")
+    (final_eval,) = read_scalars(str(ppo_run), "eval/episodic_return")
+    assert final_eval[0] == read_scalars(str(ppo_run), "charts/SPS")[-1][0] and final_eval[1] < 0
     again = run_script("learning_curves.py", "--no-run", "--logdir", logdir)
     assert table_rows(again, "Reacher (-8)") == table_rows(out, "Reacher (-8)")
     # Resuming: a run missing from done.json (as if the grid had stopped during it) runs again, in
@@ -325,7 +352,10 @@ def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_
     ppo_1 = gym_mujoco.result_line(str(tmp_path / "ppo_1"), "ppo", "gym:Hopper-v5", 1, 1500.0, "cpu", "benchmarks/ppo.py ...",
                                    "abc", "test machine")
     other_budget = dict(ppo_1, budget=60.0, returns=[(100, 0.1, -1e6)])
+    # The final policies' returns without noise (after training): pql_2 logged none.
+    pql_1, pql_3, ppo_1 = dict(pql_1, final_return=550.0), dict(pql_3, final_return=950.0), dict(ppo_1, final_return=1600.0)
     row = gym_mujoco.summarize([pql_1, pql_2, pql_3, ppo_1], ["gym:Hopper-v5"], ["pql", "ppo"])["gym:Hopper-v5", "pql"]
+    assert (row["final"], row["count", "final"]) == ((550 + 950) / 2, 2)
     assert row["runs"] == 3 and row["returns", 100_000] == pytest.approx((200 + 600 + 900) / 3)  # logged at 96k, 80k, 90k
     assert row["returns", 200_000] == (400 + 1000) / 2 and (row["count", 100_000], row["count", 200_000]) == (3, 2)
     assert row["returns", "end"] == pytest.approx((500 + 700 + 1000) / 3)
@@ -340,9 +370,10 @@ def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_
     results.write_text("\n".join(lines) + "\n")
     gym_mujoco.main(["--no-run", "--budget", "1500", "--results", str(results), "--figures", str(tmp_path)])
     captured = capsys.readouterr()
-    assert "| gym:Hopper-v5 | pql.py | 2 | 400 (40) | 400 (40) [1 of 2 runs] | 600 (60) | 600 (60) | 199,000 | 195 | 1017 |" in captured.out
-    assert "| gym:Hopper-v5 | PPO (rsl_rl) | 1 | 30 | 90 | 1500 | 1500 | 3,000,000 | 2,000 | 1500 |" in captured.out  # not the 60 s run
-    assert "| gym:Hopper-v5 | TD3, paper (v1) | | 659 ± 752 | 2441 ± 746 | 3391 ± 378 | | 1,000,000 | | |" in captured.out
+    assert ("| gym:Hopper-v5 | pql.py | 2 | 400 (40) | 400 (40) [1 of 2 runs] | 600 (60) | 600 (60) | 550 [1 of 2 runs] | 199,000 |"
+            " 195 | 1017 |") in captured.out
+    assert "| gym:Hopper-v5 | PPO (rsl_rl) | 1 | 30 | 90 | 1500 | 1500 | 1600 | 3,000,000 | 2,000 | 1500 |" in captured.out  # not the 60 s run
+    assert "| gym:Hopper-v5 | TD3, paper (v1) | | 659 ± 752 | 2441 ± 746 | 3391 ± 378 | | | 1,000,000 | | |" in captured.out
     assert "is not a result line; skipped" in captured.err
     assert (tmp_path / "mujoco_Hopper.png").stat().st_size > 10_000
     # PQL's runs take the task's settings from pql.TASK_DEFAULTS, which their command does not repeat;
@@ -352,6 +383,31 @@ def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_
     assert pql.parse_args(command[2:]).num_envs == pql.TASK_DEFAULTS["gym:Hopper-v5"]["num_envs"]
     ppo_args = ppo.parse_args(gym_mujoco.command_for("ppo", "gym:Hopper-v5", 1, "cpu", 1500.0)[2:])
     assert (ppo_args.num_envs, ppo_args.hidden_dims, ppo_args.max_time) == (64, [256, 256], 1500.0)
+
+
+def test_gym_mujoco_evaluates_the_final_policy_of_runs_logged_before_and_reruns_ppo_without_one(tmp_path, capsys):
+    import gym_mujoco
+    import pql
+
+    # A PQL run logged without final_return whose checkpoint is still in the log folder, one with it,
+    # and a PPO run without it (ppo.py kept no policy to evaluate).
+    run_dir = tmp_path / "logs" / "1500s_cpu" / "runs" / "Pendulum__pql__3__100"
+    run_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    args = pql.Args(task="Pendulum", hidden_dims=(8,))
+    actor, critic = pql.Actor(3, 1, (8,)), pql.make_critic(3, 1, args)
+    assert pql.save_checkpoint(str(run_dir / "model.pt"), actor, critic, critic, pql.ObsNormalizer(3, 5.0, torch.device("cpu")), args, 64)
+    line = {"task": "Pendulum", "budget": 1500.0, "device": "cpu", "returns": [], "env_steps": 64, "env_steps_per_s": 10.0}
+    old_pql, evaluated_pql = dict(line, method="pql", seed=3), dict(line, method="pql", seed=4, final_return=-1.0)
+    old_ppo = dict(line, method="ppo", seed=3)
+    results = tmp_path / "results.jsonl"
+    done = gym_mujoco.runs_done([old_pql, evaluated_pql, old_ppo], str(tmp_path / "logs"), str(results))
+    assert done == {gym_mujoco.run_key("Pendulum", "pql", seed, 1500.0, "cpu") for seed in (3, 4)}
+    (appended,) = [json.loads(text) for text in results.read_text().splitlines()]
+    # The same episodes as pql.py's own evaluation of that checkpoint: 10 fresh envs seeded seed + 10,000.
+    reference = pql.evaluate(str(run_dir / "model.pt"), gym_mujoco.FINAL_EVAL_EPISODES, torch.device("cpu"), 3 + 10_000)
+    assert appended == dict(old_pql, final_return=pytest.approx(reference.mean().item(), abs=0.01))
+    capsys.readouterr()
 
 
 def test_mjlab_ppo_reads_rsl_rl_progress_and_stops_the_run_at_the_budget(tmp_path):
