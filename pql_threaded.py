@@ -333,6 +333,16 @@ def stopping():
     STOPPING = True
 
 
+def exit_ignoring_stop_signals(exit_code):
+    """sys.exit, with Ctrl-C and SIGTERM ignored from here on. On its way out the interpreter puts
+    back the default action of every handler Python installed (but leaves an ignored signal
+    ignored), and a Ctrl-C then would end the saved, exiting run by that signal instead of its
+    exit code."""
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
+    sys.exit(exit_code)
+
+
 def catch_stop_signals():
     """Ctrl-C and SIGTERM go to on_stop_signal from here on."""
     global STOPPING
@@ -1388,4 +1398,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_ignoring_stop_signals(main())

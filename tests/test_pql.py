@@ -534,8 +534,7 @@ def interrupt_run(script, args, tmp_path, signal_to_send=signal.SIGINT):
     """Start a long run, send SIGINT (Ctrl-C) or another signal once it is training, and again every
     10 ms until its checkpoint is saved, as an impatient user does; return its exit code, stderr,
     the global step of the checkpoint it left, and the seconds from the first signal to the exit.
-    (Once saved, the interpreter's exit restores the default handlers, and a signal then ends the
-    process as the signal's default does: nothing is lost by then.)"""
+    A signal sent just after the save, while the process exits, is ignored too (exit_ignoring_stop_signals)."""
     process = subprocess.Popen([sys.executable, os.path.join(REPO, script), *args, "--total-timesteps", "100000000"],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=restore_default_sigint)
@@ -570,6 +569,26 @@ def test_ctrl_c_and_sigterm_save_the_checkpoint_and_exit_cleanly(tmp_path, signa
     assert f"({signal_to_send.name}); saving" in err and "Traceback" not in err
     assert f"interrupted at env step {global_step} " in err and global_step > 0
     assert seconds_to_exit < 15
+
+
+@pytest.mark.parametrize("script", ["pql", "pql_threaded"])
+def test_a_late_ctrl_c_cannot_turn_the_exit_into_a_kill(script):
+    # The scripts end with exit_ignoring_stop_signals(main()): a signal ignored by then stays ignored
+    # while the interpreter exits (one handled by Python would get its default action back, and a
+    # Ctrl-C a moment after the final save would end the process as killed by SIGINT).
+    module = importlib.import_module(script)
+    handlers = {stop_signal: signal.getsignal(stop_signal) for stop_signal in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        module.catch_stop_signals()
+        with pytest.raises(SystemExit) as exit_info:
+            module.exit_ignoring_stop_signals(130)
+        assert exit_info.value.code == 130
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for stop_signal, handler in handlers.items():
+            signal.signal(stop_signal, handler)
+    source = open(os.path.join(REPO, f"{script}.py")).read()
+    assert source.rstrip().endswith('if __name__ == "__main__":\n    exit_ignoring_stop_signals(main())')
 
 
 PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None  # looked up here, not in a forked child
