@@ -4,11 +4,11 @@ Trains pql.py, pql_threaded.py (each with its settings for the task, pql.TASK_DE
 rsl_rl (benchmarks/ppo.py, with PPO_FLAGS) on gym:HalfCheetah-v5 and gym:Hopper-v5, every seed with
 the same wall-clock budget (--budget, training seconds), each run a Ray task that reserves the
 machine's cores (benchmarks/grid.py: one run at a time here, many at once on a cluster). Each
-finished run's curves (return against env steps and training seconds), command, commit, machine and
-date are appended to benchmarks/results/gym_mujoco.jsonl (commit it to keep them); runs already
-there are skipped, so the grid can be finished over several sittings. Then it prints a Markdown
-table and draws docs/mujoco_{task}.png (return against env steps and against training seconds, the
-published returns marked). The TensorBoard logs stay under --logdir.
+finished run's curves (return against env steps and training seconds), command, commit, package
+versions, machine and date are appended to benchmarks/results/gym_mujoco.jsonl (commit it to keep
+them); runs already there are skipped, so the grid can be finished over several sittings. Then it
+prints a Markdown table and draws docs/mujoco_{task}.png (return against env steps and against
+training seconds, the published returns marked). The TensorBoard logs stay under --logdir.
 
 Returns: PQL's is its deterministic policy's, on evaluation envs of its own (eval/episodic_return,
 no exploration noise), with the training return (exploration noise up to std 0.8) beside it;
@@ -135,6 +135,19 @@ def result_line(run_dir, method, task, seed, budget, device, command, commit, ma
     }
 
 
+def package_versions():
+    """The versions of the packages that set a run's physics and learning (MuJoCo's physics can change
+    between releases; rsl_rl 5.5 changed when PPO's normaliser updates): each result line keeps them."""
+    from importlib import metadata
+    versions = {}
+    for name in ("torch", "gymnasium", "mujoco", "rsl-rl-lib"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
 def final_policy_return(method, run_dir, seed, device):
     """The mean return of the run's final policy without exploration noise, over FINAL_EVAL_EPISODES
     fresh envs (seeded seed + 10,000), or None if the run left no such policy (a PPO run logged before
@@ -163,13 +176,13 @@ def train(method, task, seed, device, budget, logdir):
     for stale in glob.glob(pattern):
         shutil.rmtree(stale)
     command = command_for(method, task, seed, device, budget)
-    commit, machine = code_version(), machine_description(device)  # before the run: the code it starts with
+    commit, machine, packages = code_version(), machine_description(device), package_versions()  # the code it starts with
     result = grid.run_process(command, cwd=folder)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with code {result.returncode}:\n{result.stderr[-3000:]}")
     (run_dir,) = glob.glob(pattern)
     line = result_line(run_dir, method, task, seed, budget, device, " ".join(command[1:]).replace(REPO + "/", ""), commit, machine)
-    return dict(line, final_return=final_policy_return(method, run_dir, seed, device))
+    return dict(line, packages=packages, final_return=final_policy_return(method, run_dir, seed, device))
 
 
 def runs_done(results, logdir, results_path):
@@ -406,13 +419,18 @@ def main(argv=None):
     dates = sorted({r["date"] for r in results})
     machines = sorted({r["machine"] for r in results})
     commits = sorted({str(r["commit"]) for r in results})
-    if len(machines) > 1 or len(commits) > 1:
-        print(f"note: these runs come from {len(machines)} machine(s) and {len(commits)} commit(s): {', '.join(machines + commits)}")
+    packages = sorted({", ".join(f"{name} {version}" for name, version in r["packages"].items()) for r in results if "packages" in r})
+    if len(machines) > 1 or len(commits) > 1 or len(packages) > 1:
+        print(f"note: these runs come from {len(machines)} machine(s), {len(commits)} commit(s) and {len(packages)} set(s) of"
+              f" package versions: {'; '.join(machines + commits + packages)}")
     seeds = sorted({r["seed"] for r in results})
     about = (f"{'; '.join(machines)}, device {args.device}; {dates[0]}{' to ' + dates[-1] if len(dates) > 1 else ''};"
              f" {args.budget:g} training s per run; seeds {' '.join(map(str, seeds))}")
     print()
     print_table(summarize(results, tasks, methods), tasks, methods, "Machine: " + about)
+    if packages:
+        unknown = sum("packages" not in r for r in results)
+        print(f"\nPackages: {'; '.join(packages)}" + (f" ({unknown} run(s) logged before versions were kept)" if unknown else ""))
     print("\nCommands (each run's own, in its log folder):")
     for command in sorted({r["command"] for r in results}):
         print(f"    python {command}")

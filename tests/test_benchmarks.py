@@ -366,6 +366,10 @@ def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_
 
     results = tmp_path / "results.jsonl"
     stale_pql_1 = dict(pql_1, returns=[(100_000, 10.0, -5.0)])  # an earlier line for the same run: the later one counts
+    # Each line keeps the versions of the packages it ran with (pql_1's line is from before they were kept).
+    assert gym_mujoco.package_versions()["torch"] == torch.__version__
+    pql_2 = dict(pql_2, packages={"torch": "2.13.0", "mujoco": "3.11.0"})
+    ppo_1 = dict(ppo_1, packages={"torch": "2.13.0", "mujoco": "4.0.0"})
     lines = [json.dumps(r) for r in [stale_pql_1, pql_1, pql_2, ppo_1, other_budget]] + ['{"cut short']
     results.write_text("\n".join(lines) + "\n")
     gym_mujoco.main(["--no-run", "--budget", "1500", "--results", str(results), "--figures", str(tmp_path)])
@@ -375,6 +379,8 @@ def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_
     assert "| gym:Hopper-v5 | PPO (rsl_rl) | 1 | 30 | 90 | 1500 | 1500 | 1600 | 3,000,000 | 2,000 | 1500 |" in captured.out  # not the 60 s run
     assert "| gym:Hopper-v5 | TD3, paper (v1) | | 659 ± 752 | 2441 ± 746 | 3391 ± 378 | | | 1,000,000 | | |" in captured.out
     assert "is not a result line; skipped" in captured.err
+    assert "1 commit(s) and 2 set(s) of package versions" in captured.out
+    assert "Packages: torch 2.13.0, mujoco 3.11.0; torch 2.13.0, mujoco 4.0.0 (1 run(s) logged before versions were kept)" in captured.out
     assert (tmp_path / "mujoco_Hopper.png").stat().st_size > 10_000
     # PQL's runs take the task's settings from pql.TASK_DEFAULTS, which their command does not repeat;
     # PPO's flags are ones ppo.py takes.
