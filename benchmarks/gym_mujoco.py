@@ -6,7 +6,9 @@ the same wall-clock budget (--budget, training seconds), each run a Ray task tha
 machine's cores (benchmarks/grid.py: one run at a time here, many at once on a cluster). Each
 finished run's curves (return against env steps and training seconds), command, commit, package
 versions, machine and date are appended to benchmarks/results/gym_mujoco.jsonl (commit it to keep
-them); runs already there are skipped, so the grid can be finished over several sittings. Then it
+them); runs already there are skipped, so the grid can be finished over several sittings. The
+methods of a task and seed run back to back, and each run records the machine's speed just before
+and after it (--probe): a shared machine's speed can move 2x within a day. Then it
 prints a Markdown table and draws docs/mujoco_{task}.png (return against env steps and against
 training seconds, the published returns marked). The TensorBoard logs stay under --logdir.
 
@@ -22,6 +24,7 @@ both methods (PQL: `pql.py --eval-checkpoint`; PPO: its mean action, by ppo.py):
     python benchmarks/gym_mujoco.py --tasks gym:Hopper-v5 --methods pql --seeds 1   # one run; later commands add to the same results
     python benchmarks/gym_mujoco.py --no-run                 # only the table and the figures, from the results file
     python benchmarks/gym_mujoco.py --speed                  # pql.py's env steps/s with the candidate settings (SPEED_CANDIDATES)
+    python benchmarks/gym_mujoco.py --probe                  # how fast this machine is now: MuJoCo steps/s, MLP updates/s
     python benchmarks/gym_mujoco.py --device cuda --budget 900       # GPU learners; the table shows runs of this budget and device
     python benchmarks/gym_mujoco.py --address auto --cpus-per-run 4 --logdir /shared/logs/mujoco --results /shared/gym_mujoco.jsonl   # on a Ray cluster
 """
@@ -34,6 +37,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -65,6 +69,10 @@ LAST_PART = 0.1
 # same way for both methods: PQL's checkpoint through `pql.py --eval-checkpoint`, PPO's mean action
 # through ppo.py's own evaluation (PPO's training return samples with a std that ends at 0.67 to 0.85).
 FINAL_EVAL_EPISODES = 10
+# This machine's speed moved 2x within a day, so each run also records how fast the machine was just
+# before and just after it (machine_speed, PROBE_SECONDS on each kind of work), and the methods of a
+# task and seed run back to back: runs are compared at nearly the same speed, or their probes say not.
+PROBE_SECONDS = 5.0
 
 # Published returns on the same tasks (older versions of them), to hold ours against. Each: algorithm
 # -> {env steps: (mean, std over seeds)}, with where the numbers come from and how they were measured.
@@ -167,6 +175,47 @@ def final_policy_return(method, run_dir, seed, device):
     return float(found.group(1))
 
 
+def machine_speed(seconds=PROBE_SECONDS):
+    """How fast this machine is now at the two kinds of work these runs do, `seconds` on each, with
+    torch's default threads: MuJoCo's physics (HalfCheetah-v5 stepped with fixed random actions,
+    steps/s) and the learners' updates (a 256-256 MLP at batch 256 with Adam, updates/s)."""
+    import gymnasium as gym
+    import numpy as np
+    import torch
+
+    env = gym.make("HalfCheetah-v5")
+    actions = np.random.default_rng(0).uniform(-1.0, 1.0, (1000, env.action_space.shape[0])).astype(np.float32)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        env.reset(seed=0)
+        for action in actions:  # one episode: HalfCheetah never falls, its time limit is 1,000 steps
+            env.step(action)
+        steps += len(actions)
+    physics = steps / (time.perf_counter() - start)
+    env.close()
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Linear(23, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                  torch.nn.Linear(256, 1))
+    optimizer = torch.optim.Adam(network.parameters(), lr=3e-4)
+    inputs, targets = torch.randn(256, 23), torch.randn(256, 1)
+    updates, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        loss = (network(inputs) - targets).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        updates += 1
+    return {"mujoco_steps_per_s": physics, "mlp_updates_per_s": updates / (time.perf_counter() - start)}
+
+
+def probe_machine():
+    """machine_speed() in a process of its own, as the runs are (`gym_mujoco.py --probe`)."""
+    result = grid.run_process([sys.executable, os.path.abspath(__file__), "--probe"], cwd=HERE)
+    if result.returncode != 0:
+        raise RuntimeError(f"gym_mujoco.py --probe failed with code {result.returncode}:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def train(method, task, seed, device, budget, logdir):
     """One training run in a subprocess, in logdir/{budget}s_{device}/runs; returns its result line.
     Runs as a Ray task (benchmarks/grid.py); a folder left by an unfinished attempt is removed first."""
@@ -177,12 +226,37 @@ def train(method, task, seed, device, budget, logdir):
         shutil.rmtree(stale)
     command = command_for(method, task, seed, device, budget)
     commit, machine, packages = code_version(), machine_description(device), package_versions()  # the code it starts with
+    speed_before = probe_machine()
     result = grid.run_process(command, cwd=folder)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with code {result.returncode}:\n{result.stderr[-3000:]}")
+    speed_after = probe_machine()
     (run_dir,) = glob.glob(pattern)
     line = result_line(run_dir, method, task, seed, budget, device, " ".join(command[1:]).replace(REPO + "/", ""), commit, machine)
-    return dict(line, packages=packages, final_return=final_policy_return(method, run_dir, seed, device))
+    return dict(line, packages=packages, machine_speed=[speed_before, speed_after],
+                final_return=final_policy_return(method, run_dir, seed, device))
+
+
+def grid_jobs(tasks, methods, seeds, budget, device, logdir, done):
+    """The runs not yet done, as grid.run_grid takes them, in the order they start: seed by seed, task
+    by task, the methods of each back to back, so the runs compared in the table are close in time."""
+    return [(run_key(task, method, seed, budget, device), train, (method, task, seed, device, budget, logdir))
+            for seed in seeds for task in tasks for method in methods
+            if run_key(task, method, seed, budget, device) not in done]
+
+
+def print_machine_speeds(results):
+    """Each run's probes (machine_speed) just before and just after it, one line per run."""
+    probed = [r for r in results if "machine_speed" in r]
+    if not probed:
+        return
+    print("\nThe machine's speed just before and just after each run (MuJoCo steps/s; 256-256 MLP updates/s):")
+    for r in probed:
+        before, after = r["machine_speed"]
+        print(f"- {r['date']} {r['task']} {LABELS[r['method']]} seed {r['seed']}: {before['mujoco_steps_per_s']:,.0f} and"
+              f" {after['mujoco_steps_per_s']:,.0f}; {before['mlp_updates_per_s']:,.0f} and {after['mlp_updates_per_s']:,.0f}")
+    if len(probed) < len(results):
+        print(f"  ({len(results) - len(probed)} run(s) logged before the machine's speed was kept)")
 
 
 def runs_done(results, logdir, results_path):
@@ -364,6 +438,8 @@ def main(argv=None):
     parser.add_argument("--figures", default=os.path.join(REPO, "docs"), help="folder for mujoco_{task}.png; '' draws none")
     parser.add_argument("--no-run", action="store_true", help="print the table and draw the figures from the results file only")
     parser.add_argument("--speed", action="store_true", help="only time pql.py with each of SPEED_CANDIDATES on --tasks, one run at a time")
+    parser.add_argument("--probe", action="store_true", help="only time this machine now, as each run does just before and after it:"
+                        " MuJoCo steps/s and MLP updates/s, printed as one JSON line")
     grid.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.budget <= 0:
@@ -372,6 +448,9 @@ def main(argv=None):
         machine_description(args.device)
     except (RuntimeError, AssertionError) as error:
         parser.error(f"--device {args.device!r} is not a device here ({error}); use cpu, or cuda or cuda:N on a machine with a GPU")
+    if args.probe:
+        print(json.dumps(machine_speed()))
+        return
     if args.speed:
         for task in args.tasks:
             speed(task, SPEED_CANDIDATES, args.device)
@@ -397,9 +476,7 @@ def main(argv=None):
         os.makedirs(logdir, exist_ok=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
         done = runs_done(read_results(), logdir, args.results)
-        jobs = [(run_key(task, method, seed, args.budget, args.device), train, (method, task, seed, args.device, args.budget, logdir))
-                for task in args.tasks for method in args.methods for seed in args.seeds
-                if run_key(task, method, seed, args.budget, args.device) not in done]
+        jobs = grid_jobs(args.tasks, args.methods, args.seeds, args.budget, args.device, logdir, done)
 
         def record(key, result):  # in this process, as each run ends: the results file has one writer
             with open(args.results, "a") as f:
@@ -431,6 +508,7 @@ def main(argv=None):
     if packages:
         unknown = sum("packages" not in r for r in results)
         print(f"\nPackages: {'; '.join(packages)}" + (f" ({unknown} run(s) logged before versions were kept)" if unknown else ""))
+    print_machine_speeds(results)
     print("\nCommands (each run's own, in its log folder):")
     for command in sorted({r["command"] for r in results}):
         print(f"    python {command}")

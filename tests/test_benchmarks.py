@@ -370,6 +370,9 @@ def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_
     assert gym_mujoco.package_versions()["torch"] == torch.__version__
     pql_2 = dict(pql_2, packages={"torch": "2.13.0", "mujoco": "3.11.0"})
     ppo_1 = dict(ppo_1, packages={"torch": "2.13.0", "mujoco": "4.0.0"})
+    # ... and the machine's speed just before and just after it (pql_1's and pql_2's are from before that).
+    ppo_1["machine_speed"] = [{"mujoco_steps_per_s": 21_000.4, "mlp_updates_per_s": 900.0},
+                              {"mujoco_steps_per_s": 10_500.0, "mlp_updates_per_s": 450.2}]
     lines = [json.dumps(r) for r in [stale_pql_1, pql_1, pql_2, ppo_1, other_budget]] + ['{"cut short']
     results.write_text("\n".join(lines) + "\n")
     gym_mujoco.main(["--no-run", "--budget", "1500", "--results", str(results), "--figures", str(tmp_path)])
@@ -381,6 +384,8 @@ def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_
     assert "is not a result line; skipped" in captured.err
     assert "1 commit(s) and 2 set(s) of package versions" in captured.out
     assert "Packages: torch 2.13.0, mujoco 3.11.0; torch 2.13.0, mujoco 4.0.0 (1 run(s) logged before versions were kept)" in captured.out
+    assert f"- {ppo_1['date']} gym:Hopper-v5 PPO (rsl_rl) seed 1: 21,000 and 10,500; 900 and 450" in captured.out
+    assert "(2 run(s) logged before the machine's speed was kept)" in captured.out
     assert (tmp_path / "mujoco_Hopper.png").stat().st_size > 10_000
     # PQL's runs take the task's settings from pql.TASK_DEFAULTS, which their command does not repeat;
     # PPO's flags are ones ppo.py takes.
@@ -389,6 +394,31 @@ def test_gym_mujoco_table_reads_each_methods_return_at_the_milestones_and_draws_
     assert pql.parse_args(command[2:]).num_envs == pql.TASK_DEFAULTS["gym:Hopper-v5"]["num_envs"]
     ppo_args = ppo.parse_args(gym_mujoco.command_for("ppo", "gym:Hopper-v5", 1, "cpu", 1500.0)[2:])
     assert (ppo_args.num_envs, ppo_args.hidden_dims, ppo_args.max_time) == (64, [256, 256], 1500.0)
+
+
+def test_gym_mujoco_runs_the_methods_of_a_task_and_seed_back_to_back():
+    import gym_mujoco
+
+    done = {gym_mujoco.run_key("gym:Hopper-v5", "ppo", 1, 1800.0, "cpu")}
+    jobs = gym_mujoco.grid_jobs(gym_mujoco.TASKS, ["pql", "ppo"], [1, 2], 1800.0, "cpu", "logs", done)
+    order = [(arguments[2], arguments[1], arguments[0]) for _, _, arguments in jobs]  # (seed, task, method)
+    assert order == [(1, "gym:HalfCheetah-v5", "pql"), (1, "gym:HalfCheetah-v5", "ppo"), (1, "gym:Hopper-v5", "pql"),
+                     (2, "gym:HalfCheetah-v5", "pql"), (2, "gym:HalfCheetah-v5", "ppo"), (2, "gym:Hopper-v5", "pql"),
+                     (2, "gym:Hopper-v5", "ppo")]
+    assert jobs[0][0] == gym_mujoco.run_key("gym:HalfCheetah-v5", "pql", 1, 1800.0, "cpu")
+
+
+def test_gym_mujoco_probe_prints_the_machines_speed_as_one_json_line(monkeypatch, capsys):
+    import functools
+
+    import gym_mujoco
+
+    # Whole episodes of HalfCheetah's physics and whole MLP updates, for 0.2 s each here (5 s in a grid).
+    monkeypatch.setattr(gym_mujoco, "machine_speed", functools.partial(gym_mujoco.machine_speed, 0.2))
+    gym_mujoco.main(["--probe"])
+    speed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(speed) == {"mujoco_steps_per_s", "mlp_updates_per_s"}
+    assert speed["mujoco_steps_per_s"] >= 1000 / 60 and speed["mlp_updates_per_s"] > 0
 
 
 def test_gym_mujoco_evaluates_the_final_policy_of_runs_logged_before_and_reruns_ppo_without_one(tmp_path, capsys):
