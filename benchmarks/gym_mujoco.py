@@ -176,8 +176,8 @@ def final_policy_return(method, run_dir, seed, device):
 
 
 def machine_speed(seconds=PROBE_SECONDS):
-    """How fast this machine is now at the two kinds of work these runs do, `seconds` on each, with
-    torch's default threads: MuJoCo's physics (HalfCheetah-v5 stepped with fixed random actions,
+    """How fast this machine's CPU is now at the two kinds of work these runs do, `seconds` on each,
+    with torch's default threads (on the CPU, also for --device cuda runs): MuJoCo's physics (HalfCheetah-v5 stepped with fixed random actions,
     steps/s) and the learners' updates (a 256-256 MLP at batch 256 with Adam, updates/s)."""
     import gymnasium as gym
     import numpy as np
