@@ -117,10 +117,12 @@ class Args:
     """PQL-D: largest value of the support"""
 
     # --- speed: the same updates, fewer launches ---
-    cuda_graphs: bool = False
-    """record one V-update and one P-update (sampling included) as CUDA graphs and replay them: one launch per update instead of hundreds; CUDA only"""
+    cuda_graphs: bool = True
+    """record one V-update and one P-update (sampling included) as CUDA graphs and replay them: one launch per update instead of hundreds; on where it applies (the learners on one CUDA device), elsewhere the updates run eagerly; --no-cuda-graphs: eagerly on CUDA too"""
     compile: bool = False
     """torch.compile the V- and P-update (sampling included); the first iterations wait for the compiler, about a minute"""
+    tf32: bool = False
+    """float32 matrix products on the GPU's TF32 tensor cores (10-bit mantissas; torch.backends.cuda.matmul.allow_tf32): faster, less precise; CUDA only"""
 
     # --- logging, checkpoints, evaluation ---
     log_interval: int = 10
@@ -197,7 +199,6 @@ def validate_args(args):
         (0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
         (0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
         (args.pre_tanh_bound > 0.0, f"--pre-tanh-bound must be > 0 (inf: no penalty), got {args.pre_tanh_bound}"),
-        (not (args.compile and args.cuda_graphs), "--compile and --cuda-graphs together are not supported yet: pick one"),
         (args.critic_lr > 0, "--critic-lr must be > 0"),
         (args.actor_lr > 0, "--actor-lr must be > 0"),
         (args.max_grad_norm > 0, "--max-grad-norm must be > 0"),
@@ -871,6 +872,7 @@ def train(args, env, eval_env, device):
     env.check_finite_actions = False
     reward_scale = args.reward_scale if args.reward_scale is not None else TASK_DEFAULTS.get(args.task, {}).get("reward_scale", 1.0)
     capacity = args.buffer_size // args.num_envs
+    args.cuda_graphs = args.cuda_graphs and device.type == "cuda"  # the CPU has no graphs: eager updates
     writer, checkpoint_path = start_run(args, reward_scale)
 
     obs_normalizer = ObsNormalizer(env.obs_dim, args.obs_clip, device)
@@ -894,7 +896,8 @@ def train(args, env, eval_env, device):
     first_nonfinite_iteration = torch.full((), float("inf"), device=device)
     iteration_on_device = torch.zeros((), device=device)
 
-    # The learners' steps as functions of nothing; compiled, or recorded as CUDA graphs, if asked.
+    # The learners' steps as functions of nothing; compiled, or recorded as CUDA graphs, or both
+    # (then the recording's warm-up calls compile, and the graph replays the compiled kernels).
     v_step, p_step = (torch.compile(v_learner_step), torch.compile(p_learner_step)) if args.compile else (v_learner_step, p_learner_step)
     v_step = functools.partial(v_step, replay_buffer, replay_buffer.window, critic, critic_target, critic_optimizer, target_policy, obs_normalizer, stats, args)
     p_step = functools.partial(p_step, replay_buffer, replay_buffer.window, actor, actor_optimizer, policy_critic, obs_normalizer, stats, args)
@@ -1002,8 +1005,9 @@ def main():
     try:
         validate_args(args)
         device = resolve_device(args.device)
-        if args.cuda_graphs and device.type != "cuda":
-            raise ValueError(f"--cuda-graphs records CUDA graphs: it needs --device cuda (the device is {device})")
+        if args.tf32 and device.type != "cuda":
+            raise ValueError(f"--tf32 uses the GPU's tensor cores: it needs --device cuda (the device is {device})")
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
         if args.eval_checkpoint is not None:
             if not os.path.isfile(args.eval_checkpoint):
                 raise ValueError(f"--eval-checkpoint {args.eval_checkpoint}: no such file")

@@ -120,10 +120,12 @@ class Args:
     """PQL-D: largest value of the support"""
 
     # --- speed: the same updates, fewer launches ---
-    cuda_graphs: bool = False
-    """record one V-update and one P-update (sampling included) as CUDA graphs and replay them: one launch per update instead of hundreds; CUDA only"""
+    cuda_graphs: bool = True
+    """record one V-update and one P-update (sampling included) as CUDA graphs and replay them: one launch per update instead of hundreds; on where it applies (the learners on one CUDA device), elsewhere the updates run eagerly; --no-cuda-graphs: eagerly on CUDA too"""
     compile: bool = False
     """torch.compile the V- and P-update (sampling included); the first iterations wait for the compiler, about a minute"""
+    tf32: bool = False
+    """float32 matrix products on the GPU's TF32 tensor cores (10-bit mantissas; torch.backends.cuda.matmul.allow_tf32): faster, less precise; CUDA only"""
 
     # --- logging, checkpoints, evaluation ---
     log_interval: int = 10
@@ -210,7 +212,6 @@ def validate_args(args):
         (0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
         (0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
         (args.pre_tanh_bound > 0.0, f"--pre-tanh-bound must be > 0 (inf: no penalty), got {args.pre_tanh_bound}"),
-        (not (args.compile and args.cuda_graphs), "--compile and --cuda-graphs together are not supported yet: pick one"),
         (args.critic_lr > 0, "--critic-lr must be > 0"),
         (args.actor_lr > 0, "--actor-lr must be > 0"),
         (args.max_grad_norm > 0, "--max-grad-norm must be > 0"),
@@ -1150,6 +1151,8 @@ def train(args, env, eval_env, devices):
     env.check_finite_actions = False
     reward_scale = args.reward_scale if args.reward_scale is not None else TASK_DEFAULTS.get(args.task, {}).get("reward_scale", 1.0)
     capacity = args.buffer_size // args.num_envs
+    # Graphs need both learners on one CUDA device (docs/gpu.md); elsewhere the updates run eagerly.
+    args.cuda_graphs = args.cuda_graphs and devices[1].type == "cuda" and devices[1] == devices[2]
     writer, checkpoint_path = start_run(args, reward_scale)
 
     # Placement as in the paper: the replay buffer and the critic live with the V-learner.
@@ -1184,7 +1187,8 @@ def train(args, env, eval_env, devices):
     iteration_on_device = torch.zeros((), device=actor_device)
 
     # The learners' steps as functions of nothing, each sampling through its own window; compiled,
-    # or recorded as CUDA graphs, if asked. Each graph is recorded here, before the threads start
+    # or recorded as CUDA graphs, or both (then the recording's warm-up calls compile, and the graph
+    # replays the compiled kernels), if asked. Each graph is recorded here, before the threads start
     # (a capture forbids other threads' CUDA work), in a memory pool of its own; a learner then
     # replays it on its own stream: one launch per update, and the GIL is free in between.
     v_window, p_window = replay_buffer.new_window(), replay_buffer.new_window()
@@ -1374,9 +1378,9 @@ def main():
             if args.sync_interval < 1:
                 raise ValueError(f"--sync-interval must be >= 1, got {args.sync_interval}")
             devices = resolve_role_devices(args, device)
-            if args.cuda_graphs and not (devices[1].type == "cuda" and devices[1] == devices[2]):
-                raise ValueError("--cuda-graphs records CUDA graphs: it needs the V- and P-learner on one CUDA device"
-                                 f" (they are on {devices[1]} and {devices[2]})")
+            if args.tf32 and not any(role_device.type == "cuda" for role_device in devices):
+                raise ValueError(f"--tf32 uses the GPU's tensor cores: it needs a role on a CUDA device (all are on {devices[0]})")
+            torch.backends.cuda.matmul.allow_tf32 = args.tf32
             random.seed(args.seed)
             np.random.seed(args.seed)
             torch.manual_seed(args.seed)

@@ -1,14 +1,16 @@
 """One command for the first person with a GPU: does PQL run, how fast, and does it still learn sane numbers?
 
-    python benchmarks/gpu_check.py                        # on the GPU: 6 runs of 300 iterations at 4096 envs, a few minutes
+    python benchmarks/gpu_check.py                        # on the GPU: 6 runs of 300 iterations at 4096 envs, about 3 minutes
     python benchmarks/gpu_check.py --device cpu --tiny    # the same checks at toy sizes, well under a minute on 2 cores
+    python benchmarks/gpu_check.py --critics scalar --flags="--compile --tf32"   # a speed-up, end to end
 
 It prints a header (GPU, torch and CUDA versions, date, command line), then Markdown tables, and
 exits 1 if any check failed (listing which), 0 if all passed, 2 on a bad flag (before any work).
 
 1. Training runs. pql.py and pql_threaded.py, each with the scalar critic and with
-   --distributional, at the scripts' defaults (task Pendulum, 4096 envs, networks 512-256-128,
-   batch 8192, ...) for 32 warm-up iterations plus --iterations, one subprocess each, run one at
+   --distributional (--critics), at the scripts' defaults (task Pendulum, 4096 envs, networks
+   512-256-128, batch 8192, CUDA graphs on a GPU, ...) with --flags added, for 32 warm-up
+   iterations plus --iterations, one subprocess each, run one at
    a time in --logdir/<run>/ (emptied first; the script's output is kept there in train.log). From
    each run's TensorBoard scalars (runs/*/events.*):
      * env steps/s and V-updates/s between the LAST TWO logged points (charts/SPS and
@@ -37,8 +39,9 @@ exits 1 if any check failed (listing which), 0 if all passed, 2 on a bad flag (b
    change of Pendulum's start states becomes ~1e-3 in the observations within 200 steps), so a
    free-running CPU-vs-GPU comparison may exceed 1e-4 late in an episode without any bug.
    With --device cpu the CPU is compared with itself (differences 0; the code path still runs).
-3. CUDA graphs, on a GPU: pql.py and pql_threaded.py with --cuda-graphs (scalar critic), the same
-   checks as 1; and pql.py's learner steps at the default sizes, 16 V-updates and 8 P-updates
+3. CUDA graphs against eager updates, on a GPU: pql.py and pql_threaded.py with --no-cuda-graphs
+   (scalar critic), the same checks as 1, so the table shows what the graphs gain; and pql.py's
+   learner steps at the default sizes, 16 V-updates and 8 P-updates
    replayed from CUDA graphs against the same updates run eagerly from the same weights and seed
    (benchmarks/update_speed.py builds both): the summed losses must agree to 1e-3 (relative) and
    every weight to 1e-4. With --device cpu it says they were skipped.
@@ -63,7 +66,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import tyro
 
@@ -103,6 +106,10 @@ class Args:
     """where each run gets its folder (emptied first): TensorBoard logs, checkpoint, train.log, eval.log"""
     timeout: float = 1800.0
     """seconds a training or evaluation subprocess may run before it is stopped and counted as failed"""
+    critics: Tuple[str, ...] = tuple(CRITICS)
+    """critics of the runs of check 1 (scalar, distributional); the --cuda-graphs and multi-GPU runs are scalar"""
+    flags: str = ""
+    """more flags for every training run, e.g. "--compile --tf32": a speed-up checked end to end"""
     tiny: bool = False
     """toy sizes (16 envs, networks 32-32, batch 64, buffer 16000, 4 warm-up iterations): a smoke test of the check itself"""
 
@@ -117,6 +124,8 @@ def fail_on_bad_flags(args):
         bad(f"--iterations must be >= 1, got {args.iterations}")
     if args.num_envs is not None and args.num_envs < 1:
         bad(f"--num-envs must be >= 1, got {args.num_envs}")
+    if not args.critics or any(critic not in CRITICS for critic in args.critics):
+        bad(f"--critics must be among {', '.join(CRITICS)}, got {' '.join(args.critics) or 'none'}")
     if args.env_steps < 1:
         bad(f"--env-steps must be >= 1, got {args.env_steps}")
     if not args.timeout > 0:
@@ -412,12 +421,13 @@ def all_failures(run_rows, env_rows):
     return failures + [problem for r in env_rows for problem in env_failures(r)]
 
 
-def cuda_graph_runs(device):
-    """Both scripts with --cuda-graphs (scalar critic), or None and why they are skipped."""
+def eager_runs(device, flags=()):
+    """Both scripts with --no-cuda-graphs (scalar critic), or None and why they are skipped: on a
+    GPU the other runs replay CUDA graphs (the scripts' default there), these run eagerly."""
     import torch
     if torch.device(device).type != "cuda":
         return None, f"--device {device} (CUDA graphs need CUDA)"
-    return [Run(script, flags=("--cuda-graphs",)) for script in SCRIPTS], None
+    return [Run(script, flags=("--no-cuda-graphs", *flags)) for script in SCRIPTS], None
 
 
 def graphs_against_eager(device, hidden_dims=(512, 256, 128), batch_size=8192, updates=16):
@@ -442,12 +452,12 @@ def graphs_against_eager(device, hidden_dims=(512, 256, 128), batch_size=8192, u
     eager, graphs = paths["eager"], paths["graphs"]
     loss_difference = max(abs(float(eager.stats[name]) - float(graphs.stats[name])) / max(abs(float(eager.stats[name])), 1e-6)
                           for name in ["critic_loss", "actor_loss"])
-    weight_difference = max(float((a - b).abs().max()) for module in ["critic", "critic_target", "actor"]
+    weight_difference = max(float((a - b).abs().max().detach()) for module in ["critic", "critic_target", "actor"]
                             for a, b in zip(getattr(eager, module).parameters(), getattr(graphs, module).parameters()))
     return loss_difference, weight_difference
 
 
-def multi_gpu_runs(device):
+def multi_gpu_runs(device, flags=()):
     """The placement runs, or None and why they are skipped."""
     import torch
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -455,8 +465,8 @@ def multi_gpu_runs(device):
         return None, f"--device {device} (they need CUDA)"
     if count < 2:
         return None, f"only {count} CUDA device(s) here, they need 2"
-    return [Run("pql_threaded.py", placement=("--actor-device", "cuda:0", "--v-learner-device", "cuda:1")),
-            Run("pql_threaded.py", placement=("--v-learner-device", "cuda:1"))], None
+    return [Run("pql_threaded.py", placement=("--actor-device", "cuda:0", "--v-learner-device", "cuda:1"), flags=flags),
+            Run("pql_threaded.py", placement=("--v-learner-device", "cuda:1"), flags=flags)], None
 
 
 def main():
@@ -475,9 +485,10 @@ def main():
     env_rows = [compare_envs(task, args.device, args.env_steps) for task in envs.list_tasks()]
     print(f"# env agreement done ({time.time() - start:.0f} s)", flush=True)
 
-    runs = [Run(script, critic) for script in SCRIPTS for critic in CRITICS]
-    placement_runs, skipped_because = multi_gpu_runs(args.device)
-    graph_runs, graphs_skipped_because = cuda_graph_runs(args.device)
+    flags = tuple(shlex.split(args.flags))
+    runs = [Run(script, critic, flags=flags) for script in SCRIPTS for critic in args.critics]
+    placement_runs, skipped_because = multi_gpu_runs(args.device, flags)
+    eager_check_runs, eager_skipped_because = eager_runs(args.device, flags)
 
     def check(run):
         row = check_run(run, args.device, num_envs, iterations, warmup_iterations, args.seed, args.tiny, logdir, args.timeout)
@@ -487,9 +498,9 @@ def main():
     # One run at a time, so each has the machine to itself while it is timed. --tiny's runs only
     # check that everything works, and most of their cost is start-up (imports): two at a time.
     with concurrent.futures.ThreadPoolExecutor(max_workers=2 if args.tiny else 1) as pool:
-        run_rows = list(pool.map(check, runs + (graph_runs or []) + (placement_runs or [])))
+        run_rows = list(pool.map(check, runs + (eager_check_runs or []) + (placement_runs or [])))
     graph_failures = []
-    if graph_runs is not None:
+    if eager_check_runs is not None:
         try:
             loss_difference, weight_difference = graphs_against_eager(args.device)
         except Exception as error:  # a failed capture is a failed check, not a lost report
@@ -508,10 +519,10 @@ def main():
         print(f"Multi-GPU placement runs ({placements}): skipped, {skipped_because}.\n")
     else:
         print(f"Multi-GPU placement runs ({placements}): the rows with those devices above.\n")
-    if graph_runs is None:
-        print(f"CUDA graphs (--cuda-graphs runs, and 16 V-updates replayed against eager ones): skipped, {graphs_skipped_because}.\n")
+    if eager_check_runs is None:
+        print(f"CUDA graphs (--no-cuda-graphs runs, and 16 V-updates replayed against eager ones): skipped, {eager_skipped_because}.\n")
     else:
-        print(f"CUDA graphs: the --cuda-graphs rows above; 16 V-updates and 8 P-updates at the default sizes replayed from graphs"
+        print(f"CUDA graphs: the rows without --no-cuda-graphs replay them; 16 V-updates and 8 P-updates at the default sizes replayed from graphs"
               f" against the same updates run eagerly, same seed: summed losses differ by {loss_difference:.2e} (relative),"
               f" weights by at most {weight_difference:.2e}: {'ok' if graph_ok else 'FAILED'}.\n")
     print_env_table(env_rows)

@@ -12,6 +12,10 @@ path, side by side in one process, in turns, so that a slow patch of the machine
               one multi-tensor op for the target update, flat indexing, sampling on the device
     compile   the same steps under torch.compile, as --compile runs them (compile time printed apart)
     graphs    the same steps recorded as CUDA graphs, as --cuda-graphs runs them (CUDA only)
+    compile-graphs  compiled, then recorded as CUDA graphs, as --compile --cuda-graphs run them (CUDA only)
+
+A path named with "+tf32" (e.g. graphs+tf32) runs with TF32 matrix products, as --tf32 does
+(CUDA only): float32 numbers, multiplied on the tensor cores with 10-bit mantissas.
 
 Beside each figure: the arithmetic limit, the FLOPs of the updates' matrix products (counted layer
 by layer) over the matmul throughput of this machine (a large float32 matmul, measured here), so
@@ -19,6 +23,7 @@ the gap between what the updates do and what they could do shows.
 
     python benchmarks/update_speed.py                       # quick start and default sizes, CPU
     python benchmarks/update_speed.py --device cuda --paths before eager graphs
+    python benchmarks/update_speed.py --device cuda --sizes default --paths eager graphs compile-graphs graphs+tf32 compile-graphs+tf32
     python benchmarks/update_speed.py --paths before eager compile
     python benchmarks/update_speed.py --sizes quick-start --paths eager --profile   # where the time goes
 """
@@ -46,7 +51,7 @@ SIZES = {  # name: (hidden dims, batch size), as in the README's quick start and
     "default": ((512, 256, 128), 8192),
 }
 OBS_DIM, ACT_DIM = 3, 1  # Pendulum
-PATHS = ("before", "eager", "compile", "graphs")
+PATHS = ("before", "eager", "compile", "graphs", "compile-graphs")
 BEFORE_FAST_PATH = "1cedf45"  # the last commit of pql.py before the fast path (issue 12)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V_UPDATES, P_UPDATES = 8, 4  # one iteration of pql.py at its default ratios
@@ -57,7 +62,7 @@ class Args:
     sizes: Tuple[str, ...] = ("quick-start", "default")
     """network and batch sizes to time: quick-start (64-64, batch 1024) and default (512-256-128, batch 8192)"""
     paths: Tuple[str, ...] = ("before", "eager")
-    """code paths to time: before, eager, compile, graphs (CUDA only)"""
+    """code paths to time: before, eager, compile, graphs (CUDA only), compile-graphs (CUDA only); +tf32 after one: with TF32 matmuls (CUDA only)"""
     device: str = "cpu"
     """device of the networks and the buffer"""
     seconds: float = 10.0
@@ -105,11 +110,16 @@ def update_flops(hidden_dims, batch):
 
 
 def load_pql_before():
-    """pql.py as of BEFORE_FAST_PATH, as a module of its own (it needs git and the repository's history)."""
-    source = subprocess.run(["git", "show", f"{BEFORE_FAST_PATH}:pql.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "pql_before.py")
-    with open(path, "w") as f:
-        f.write(source)
+    """pql.py as of BEFORE_FAST_PATH, as a module of its own (it needs git and the repository's history).
+
+    Where the repository travels without its history (a copy of the working tree on a GPU machine),
+    PQL_BEFORE_SOURCE names a file holding `git show BEFORE_FAST_PATH:pql.py` instead."""
+    path = os.environ.get("PQL_BEFORE_SOURCE")
+    if not path:
+        source = subprocess.run(["git", "show", f"{BEFORE_FAST_PATH}:pql.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        path = os.path.join(tempfile.mkdtemp(), "pql_before.py")
+        with open(path, "w") as f:
+            f.write(source)
     spec = importlib.util.spec_from_file_location("pql_before", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -120,6 +130,11 @@ class Learners:
     """One code path's learner state for one size, on the same random transitions."""
 
     def __init__(self, path, hidden_dims, batch_size, device, seed):
+        path, _, precision = path.partition("+")
+        if precision and device.type != "cuda":
+            raise ValueError(f"+{precision} needs --device cuda")
+        self.tf32 = precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32  # as it will be for this path's calls (and captures)
         module = load_pql_before() if path == "before" else pql
         torch.manual_seed(seed)
         args = self.args = module.Args(hidden_dims=hidden_dims, batch_size=batch_size)
@@ -142,20 +157,21 @@ class Learners:
             self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=args.critic_lr)
             self.v_step, self.p_step = self.before_v_step, self.before_p_step
             return
-        if path == "graphs" and device.type != "cuda":
+        graphs = path in ("graphs", "compile-graphs")
+        if graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need --device cuda")
-        self.actor_optimizer = pql.make_optimizer(self.actor.parameters(), args.actor_lr, capturable=path == "graphs")
-        self.critic_optimizer = pql.make_optimizer(self.critic.parameters(), args.critic_lr, capturable=path == "graphs")
+        self.actor_optimizer = pql.make_optimizer(self.actor.parameters(), args.actor_lr, capturable=graphs)
+        self.critic_optimizer = pql.make_optimizer(self.critic.parameters(), args.critic_lr, capturable=graphs)
         stats = self.stats = {name: torch.zeros((), device=device) for name in
                  ["critic_loss", "q_mean", "outside_support", "critic_nonfinite", "actor_loss", "actor_nonfinite"]}
-        v_step, p_step = (torch.compile(pql.v_learner_step), torch.compile(pql.p_learner_step)) if path == "compile" else (
+        v_step, p_step = (torch.compile(pql.v_learner_step), torch.compile(pql.p_learner_step)) if path.startswith("compile") else (
             pql.v_learner_step, pql.p_learner_step)
         window = self.buffer.window
         self.v_step = functools.partial(v_step, self.buffer, window, self.critic, self.critic_target, self.critic_optimizer,
                                         self.target_policy, self.normalizer, stats, args)
         self.p_step = functools.partial(p_step, self.buffer, window, self.actor, self.actor_optimizer, self.policy_critic,
                                         self.normalizer, stats, args)
-        if path == "graphs":  # as pql.py records them
+        if graphs:  # as pql.py records them
             self.v_step = pql.capture_cuda_graph(self.v_step, [*self.critic.parameters(), *self.critic_target.parameters(),
                                                                *stats.values()], self.critic_optimizer, device)
             self.p_step = pql.capture_cuda_graph(self.p_step, [*self.actor.parameters(), *stats.values()], self.actor_optimizer, device)
@@ -170,6 +186,7 @@ class Learners:
 
     def iteration(self):
         """The learners' share of one iteration of pql.py: 8 V-updates, 4 P-updates, hand-off."""
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
         for v_update in range(1, V_UPDATES + 1):
             self.v_step()
             if v_update % self.args.v_updates_per_p_update == 0:
@@ -185,31 +202,37 @@ def rate(per_second):
 
 def main():
     args = tyro.cli(Args)
-    unknown = [p for p in args.paths if p not in PATHS]
+    unknown = [p for p in args.paths if p.partition("+")[0] not in PATHS or p.partition("+")[2] not in ("", "tf32")]
     if unknown or not args.paths or any(s not in SIZES for s in args.sizes) or not args.sizes or args.seconds <= 0:
-        print(f"error: --paths must be among {', '.join(PATHS)} (got {list(args.paths)}), --sizes among"
+        print(f"error: --paths must be among {', '.join(PATHS)}, each optionally with +tf32 (got {list(args.paths)}), --sizes among"
               f" {', '.join(SIZES)} (got {list(args.sizes)}), --seconds > 0", file=sys.stderr)
         return 2
     device = pql.resolve_device(args.device)
-    peak = matmul_flops_per_second(device)
-    print(f"update_speed.py on {machine_name(device)}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; matmul throughput {peak / 1e9:.1f} GFLOP/s (float32)\n")
+    peak = {"": matmul_flops_per_second(device)}
+    throughput = f"matmul throughput {peak[''] / 1e9:.1f} GFLOP/s (float32)"
+    if any(path.endswith("+tf32") for path in args.paths) and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        peak["tf32"] = matmul_flops_per_second(device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        throughput += f", {peak['tf32'] / 1e9:.1f} GFLOP/s (float32 through TF32; the limit of the +tf32 paths)"
+    print(f"update_speed.py on {machine_name(device)}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; {throughput}\n")
     print("| size | path | V-updates/s | P-updates/s | iteration (8 V + 4 P) ms | arithmetic limit, iteration ms | x limit |"
           " speed-up over before |")
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         hidden_dims, batch_size = SIZES[size]
         v_flops, p_flops = update_flops(hidden_dims, batch_size)
-        limit = (V_UPDATES * v_flops + P_UPDATES * p_flops) / peak
+        limits = {precision: (V_UPDATES * v_flops + P_UPDATES * p_flops) / flops_per_second for precision, flops_per_second in peak.items()}
         paths = {}
         for path in args.paths:
             try:
-                learners = Learners(path, hidden_dims, batch_size, device, args.seed)
                 start = time.perf_counter()
+                learners = Learners(path, hidden_dims, batch_size, device, args.seed)
                 for _ in range(2):  # warm-up; for compile, the compilation
                     learners.iteration()
                 synchronize(device)
-                if path == "compile":
-                    print(f"# {size}: compiling and two warm-up iterations took {time.perf_counter() - start:.1f} s")
+                if path.startswith("compile"):
+                    print(f"# {size}, {path}: set-up with compiling and two warm-up iterations took {time.perf_counter() - start:.1f} s")
                 paths[path] = learners
             except (RuntimeError, ValueError, subprocess.CalledProcessError) as error:  # no git history; graphs on a CPU
                 print(f"# {size}: path {path} unavailable here: {str(error).splitlines()[0]}")
@@ -226,6 +249,7 @@ def main():
         for path in paths:
             iteration_s = elapsed[path] / iterations[path]
             speed_up = f"{elapsed['before'] / iterations['before'] / iteration_s:.2f}x" if "before" in paths else "-"
+            limit = limits[path.partition("+")[2]]
             print(f"| {size} | {path} | {rate(V_UPDATES / iteration_s)} | {rate(P_UPDATES / iteration_s)} | {1000 * iteration_s:.1f} |"
                   f" {1000 * limit:.2f} | {iteration_s / limit:.0f} | {speed_up} |")
         if args.profile:

@@ -48,7 +48,7 @@ def test_tiny_cpu_check_passes_and_prints_every_row(tmp_path):
         cells = table_row(out, task, "cpu vs cpu")
         assert cells[2] == "300" and cells[-1] == "yes" and float(cells[3]) == 0.0, cells
     assert "Multi-GPU placement runs" in out and "skipped, --device cpu" in out
-    assert "CUDA graphs (--cuda-graphs runs, and 16 V-updates replayed against eager ones): skipped, --device cpu" in out
+    assert "CUDA graphs (--no-cuda-graphs runs, and 16 V-updates replayed against eager ones): skipped, --device cpu" in out
     assert out.rstrip().endswith("All checks passed.")
 
 

@@ -281,6 +281,16 @@ def load_pql_before():
     return load_pql_before()
 
 
+def test_the_code_before_loads_from_a_file_where_git_history_is_missing(tmp_path, monkeypatch):
+    """benchmarks/update_speed.py on a GPU machine gets a copy of the working tree without .git:
+    PQL_BEFORE_SOURCE names a file holding the old pql.py instead of reading it from git."""
+    source = subprocess.run(["git", "show", "1cedf45:pql.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    (tmp_path / "old_pql.py").write_text(source + "\nLOADED_FROM_THE_FILE = True\n")
+    monkeypatch.setenv("PQL_BEFORE_SOURCE", str(tmp_path / "old_pql.py"))
+    before = load_pql_before()
+    assert before.LOADED_FROM_THE_FILE and hasattr(before, "update_critic") and not hasattr(before, "v_learner_step")
+
+
 @pytest.mark.parametrize("distributional", [False, True])
 def test_fast_updates_match_the_code_before_them(distributional):
     """Both Q heads in one batched matmul per layer, fused AdamW and one multi-tensor target update
@@ -335,6 +345,68 @@ def test_fast_updates_match_the_code_before_them(distributional):
     for new, old in zip(fast["actor"].parameters(), plain["actor"].parameters()):
         torch.testing.assert_close(new, old, rtol=1e-4, atol=1e-6)
     assert not torch.equal(fast["actor"].net[0].weight, start_actor_weight)  # the updates did change the networks
+
+
+HOST_SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+                 "unique_consecutive", "unique_dim", "repeat_interleave"}
+
+
+@pytest.mark.parametrize("script", ["pql", "pql_threaded"])
+@pytest.mark.parametrize("distributional", [False, True])
+def test_learner_steps_make_no_host_sync(script, distributional):
+    """A step that --cuda-graphs records must not wait for the device: no .item(), no Python branch
+    on a device value, no boolean-mask indexing (its output size is data-dependent). On a GPU these
+    break the capture, or freeze one value into the graph; the GPU check (benchmarks/gpu_check.py)
+    records only the scalar critic's steps. Here every aten op of both steps of both scripts is
+    watched on the CPU, and the ops that read a value back to the host, or whose output size
+    depends on the data, must not appear."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    module = importlib.import_module(script)
+
+    class WatchForHostSyncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.syncs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            masks = [index for index in (args[1] if name in ("index", "index_put", "index_put_") else [])
+                     if isinstance(index, torch.Tensor) and index.dtype == torch.bool]
+            if name in HOST_SYNC_OPS or masks:
+                self.syncs.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    args = module.Args(hidden_dims=(32, 32), batch_size=64, nstep=3, distributional=distributional)
+    obs_dim, act_dim, num_envs, device = 3, 1, 8, torch.device("cpu")
+    replay_buffer = module.ReplayBuffer(num_envs, 50, obs_dim, act_dim, device)
+    for _ in range(30):
+        replay_buffer.add(torch.randn(num_envs, obs_dim), torch.rand(num_envs, act_dim) * 2 - 1, -torch.rand(num_envs),
+                          torch.randn(num_envs, obs_dim), torch.rand(num_envs) < 0.1, torch.rand(num_envs) < 0.1,
+                          torch.ones(num_envs, dtype=torch.bool))
+    window = replay_buffer.window if script == "pql" else replay_buffer.new_window()
+    if script == "pql_threaded":
+        replay_buffer.fill_window(window)
+    obs_normalizer = module.ObsNormalizer(obs_dim, 5.0, device)
+    obs_normalizer.update(torch.randn(100, obs_dim))
+    actor, critic = module.Actor(obs_dim, act_dim, args.hidden_dims), module.make_critic(obs_dim, act_dim, args)
+    critic_target, target_policy, policy_critic = (copy.deepcopy(net).requires_grad_(False) for net in (critic, actor, critic))
+    actor_optimizer = module.make_optimizer(actor.parameters(), args.actor_lr, capturable=True)  # as --cuda-graphs makes them
+    critic_optimizer = module.make_optimizer(critic.parameters(), args.critic_lr, capturable=True)
+    stats = {name: torch.zeros(()) for name in ["critic_loss", "q_mean", "outside_support", "critic_nonfinite", "actor_loss", "actor_nonfinite"]}
+    start_weight = next(critic.parameters()).detach().clone()
+    with WatchForHostSyncs() as watch:
+        for _ in range(3):
+            module.v_learner_step(replay_buffer, window, critic, critic_target, critic_optimizer, target_policy, obs_normalizer, stats, args)
+            module.p_learner_step(replay_buffer, window, actor, actor_optimizer, policy_critic, obs_normalizer, stats, args)
+    assert watch.syncs == []
+    assert not torch.equal(next(critic.parameters()), start_weight) and stats["critic_loss"] > 0  # the steps did run
+    # The watch itself: a host sync and a boolean mask are both seen.
+    with WatchForHostSyncs() as watch:
+        x = torch.randn(5)
+        x.sum().item()
+        x[x > 0]
+    assert watch.syncs == ["_local_scalar_dense.default", "index.Tensor"]
 
 
 def test_compile_flag_compiles_both_learner_steps_and_keeps_their_results(monkeypatch, tmp_path):
@@ -462,8 +534,7 @@ def test_same_seed_gives_identical_returns_on_cpu(tmp_path):
     (["--eval-checkpoint", "no/such/model.pt"], "--eval-checkpoint"),
     (["--eval-envs", "-1"], "--eval-envs"),
     (["--pre-tanh-bound", "0"], "--pre-tanh-bound"),
-    (["--cuda-graphs"], "--cuda-graphs records CUDA graphs: it needs --device cuda"),  # on the CPU
-    (["--cuda-graphs", "--compile"], "--compile and --cuda-graphs together are not supported yet"),
+    (["--tf32"], "--tf32 uses the GPU's tensor cores: it needs --device cuda"),  # on the CPU
     (["--task", "isaacgym:Ant", "--eval-envs", "2"], "--eval-envs must be 0 for isaacgym"),
 ])
 def test_bad_flags_fail_before_any_work_naming_the_flag(tmp_path, monkeypatch, capsys, flags, message):
