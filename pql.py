@@ -299,20 +299,37 @@ class Terminated(KeyboardInterrupt):
 
 
 STOPPING = False  # set by the first Ctrl-C or SIGTERM, and when the run starts its final save
+IN_TRAINING_LOOP = False  # set when the training loop starts: from then on a stop signal is only recorded
+STOP_SIGNAL = None  # the Ctrl-C (SIGINT) or SIGTERM recorded for the training loop to stop at
 
 
 def on_stop_signal(signum, frame):
-    """Ctrl-C (SIGINT) or SIGTERM: the first stops the training loop, which saves the checkpoint and
-    exits (130 or 143). One that comes while the run is stopping or saving is reported and ignored,
+    """Ctrl-C (SIGINT) or SIGTERM: the first stops the run, which saves the checkpoint and exits (130
+    or 143). In the training loop it is only recorded (STOP_SIGNAL), and the loop stops at the end
+    of its iteration: an exception raised there at an arbitrary bytecode could land inside a
+    library's bookkeeping (TensorBoard's event queue, tqdm's locks), and a lock left held or a queue
+    count left wrong can hang the exit. Before the loop (setting up) it raises KeyboardInterrupt, or
+    Terminated for SIGTERM. One that comes while the run is stopping or saving is reported and ignored,
     so that a second Ctrl-C cannot cut the save short; kill -9 still ends the process at once, and
     the checkpoint on disk stays whole (saves are atomic)."""
+    global STOP_SIGNAL
     if STOPPING:
         # os.write, not print: a print here could land inside a print of the interrupted code,
         # which Python refuses (a reentrant call on sys.stderr's buffer).
         os.write(2, f"\n{signal.Signals(signum).name} ignored: the run is saving its checkpoint, then exits\n".encode())
         return
     stopping()
+    if IN_TRAINING_LOOP:
+        STOP_SIGNAL = signal.Signals(signum)
+        return
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def stop_signals_end_the_loop():
+    """From here on Ctrl-C and SIGTERM are recorded in STOP_SIGNAL, which the training loop checks
+    once per iteration, and no longer raised (on_stop_signal)."""
+    global IN_TRAINING_LOOP
+    IN_TRAINING_LOOP = True
 
 
 def stopping():
@@ -333,8 +350,8 @@ def exit_ignoring_stop_signals(exit_code):
 
 def catch_stop_signals():
     """Ctrl-C and SIGTERM go to on_stop_signal from here on."""
-    global STOPPING
-    STOPPING = False
+    global STOPPING, IN_TRAINING_LOOP, STOP_SIGNAL
+    STOPPING, IN_TRAINING_LOOP, STOP_SIGNAL = False, False, None
     signal.signal(signal.SIGTERM, on_stop_signal)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a shell starts background jobs with Ctrl-C ignored: keep that
         signal.signal(signal.SIGINT, on_stop_signal)
@@ -915,76 +932,75 @@ def train(args, env, eval_env, device):
     obs = env.reset()
     eval_obs = eval_env.reset() if eval_env is not None else None
     exit_code, iteration = 0, 0
-    out_of_budget = False  # set by the iteration that reaches --total-timesteps or --max-time
-    try:
-        while not out_of_budget:
-            # ---- actor: one step of all envs ----
-            if iteration < args.warmup_iterations:
-                actions = torch.rand(args.num_envs, env.act_dim, device=device) * 2 - 1
-            else:
-                actions = explore(acting_policy, obs_normalizer, obs, noise_stds)
-            next_obs, rewards, terminated, truncated, info = env.step(actions)
-            if args.timeouts_as_terminal:
-                terminated = terminated | truncated
-            replay_buffer.add(obs, actions, rewards * reward_scale, info["final_obs"], terminated, truncated, info["valid"])
-            obs_normalizer.update(next_obs)
-            obs = next_obs
-            global_step += args.num_envs
-            ended = (terminated | truncated).float()
-            stats["return_sum"] += (info["episode_return"] * ended).sum()
-            stats["length_sum"] += (info["episode_length"] * ended).sum()
-            stats["episodes"] += ended.sum()
-            finite = torch.isfinite(next_obs).all()
-            if eval_env is not None:  # the same policy without noise, on envs of its own
-                eval_obs = evaluation_step(eval_env, eval_obs, acting_policy, obs_normalizer, stats)
+    out_of_budget = False  # set by the iteration that reaches --total-timesteps or --max-time, or by Ctrl-C or SIGTERM
+    stop_signals_end_the_loop()
+    while not out_of_budget:
+        # ---- actor: one step of all envs ----
+        if iteration < args.warmup_iterations:
+            actions = torch.rand(args.num_envs, env.act_dim, device=device) * 2 - 1
+        else:
+            actions = explore(acting_policy, obs_normalizer, obs, noise_stds)
+        next_obs, rewards, terminated, truncated, info = env.step(actions)
+        if args.timeouts_as_terminal:
+            terminated = terminated | truncated
+        replay_buffer.add(obs, actions, rewards * reward_scale, info["final_obs"], terminated, truncated, info["valid"])
+        obs_normalizer.update(next_obs)
+        obs = next_obs
+        global_step += args.num_envs
+        ended = (terminated | truncated).float()
+        stats["return_sum"] += (info["episode_return"] * ended).sum()
+        stats["length_sum"] += (info["episode_length"] * ended).sum()
+        stats["episodes"] += ended.sum()
+        finite = torch.isfinite(next_obs).all()
+        if eval_env is not None:  # the same policy without noise, on envs of its own
+            eval_obs = evaluation_step(eval_env, eval_obs, acting_policy, obs_normalizer, stats)
 
-            # ---- V-learner and P-learner: v_updates_per_env_step critic updates, one policy
-            # update per v_updates_per_p_update of them ----
-            if iteration >= args.warmup_iterations:
-                for _ in range(args.v_updates_per_env_step):
-                    v_step()
-                    v_updates += 1
-                    stats["v_updates"] += 1
-                    if v_updates % args.v_updates_per_p_update == 0:
-                        p_step()
-                        p_updates += 1
-                        stats["p_updates"] += 1
-                finite &= (stats["critic_nonfinite"] + stats["actor_nonfinite"]) == 0
-                # ---- hand-off: every role gets the others' latest networks ----
-                copy_weights(actor, acting_policy)
-                copy_weights(actor, target_policy)
-                copy_weights(critic, policy_critic)
-            first_nonfinite_iteration = torch.where(finite, first_nonfinite_iteration, torch.minimum(first_nonfinite_iteration, iteration_on_device))
-            iteration_on_device += 1
-            iteration += 1
-            progress.update(args.num_envs)
-            out_of_budget = global_step >= args.total_timesteps or time.time() - start_time >= args.max_time
+        # ---- V-learner and P-learner: v_updates_per_env_step critic updates, one policy
+        # update per v_updates_per_p_update of them ----
+        if iteration >= args.warmup_iterations:
+            for _ in range(args.v_updates_per_env_step):
+                v_step()
+                v_updates += 1
+                stats["v_updates"] += 1
+                if v_updates % args.v_updates_per_p_update == 0:
+                    p_step()
+                    p_updates += 1
+                    stats["p_updates"] += 1
+            finite &= (stats["critic_nonfinite"] + stats["actor_nonfinite"]) == 0
+            # ---- hand-off: every role gets the others' latest networks ----
+            copy_weights(actor, acting_policy)
+            copy_weights(actor, target_policy)
+            copy_weights(critic, policy_critic)
+        first_nonfinite_iteration = torch.where(finite, first_nonfinite_iteration, torch.minimum(first_nonfinite_iteration, iteration_on_device))
+        iteration_on_device += 1
+        iteration += 1
+        progress.update(args.num_envs)
+        out_of_budget = global_step >= args.total_timesteps or time.time() - start_time >= args.max_time or STOP_SIGNAL is not None
 
-            # ---- logging and checkpoints: the only host syncs of the loop; every --log-interval
-            # iterations, and after the last one, so that the logs reach the run's end ----
-            if iteration % args.log_interval == 0 or out_of_budget:
-                bad_iteration = first_nonfinite_iteration.item()
-                if bad_iteration != float("inf"):
-                    bad_step = (int(bad_iteration) + 1) * args.num_envs
-                    print(f"error: non-finite observation or loss at env step {bad_step} (iteration {int(bad_iteration)});"
-                          f" stopping, the last good checkpoint is {checkpoint_path}", file=sys.stderr)
+        # ---- logging and checkpoints: the only host syncs of the loop; every --log-interval
+        # iterations, and after the last one, so that the logs reach the run's end ----
+        if iteration % args.log_interval == 0 or out_of_budget:
+            bad_iteration = first_nonfinite_iteration.item()
+            if bad_iteration != float("inf"):
+                bad_step = (int(bad_iteration) + 1) * args.num_envs
+                print(f"error: non-finite observation or loss at env step {bad_step} (iteration {int(bad_iteration)});"
+                      f" stopping, the last good checkpoint is {checkpoint_path}", file=sys.stderr)
+                exit_code = 1
+                break
+            sums = {name: value.item() for name, value in stats.items()}
+            for value in stats.values():
+                value.zero_()
+            mean_return = write_scalars(writer, sums, global_step, v_updates, time.time() - start_time, mean_return, progress, args)
+            if time.time() - last_save_time > args.save_interval and not out_of_budget:  # the end saves below
+                if not save_checkpoint(checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step):
+                    print(f"error: non-finite weights at env step {global_step}; stopping, the last good checkpoint is"
+                          f" {checkpoint_path}", file=sys.stderr)
                     exit_code = 1
                     break
-                sums = {name: value.item() for name, value in stats.items()}
-                for value in stats.values():
-                    value.zero_()
-                mean_return = write_scalars(writer, sums, global_step, v_updates, time.time() - start_time, mean_return, progress, args)
-                if time.time() - last_save_time > args.save_interval and not out_of_budget:  # the end saves below
-                    if not save_checkpoint(checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step):
-                        print(f"error: non-finite weights at env step {global_step}; stopping, the last good checkpoint is"
-                              f" {checkpoint_path}", file=sys.stderr)
-                        exit_code = 1
-                        break
-                    last_save_time = time.time()
-    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM raised as Terminated
-        received = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
-        exit_code = 128 + received  # the shell's convention: 130 after Ctrl-C, 143 after SIGTERM
-        print(f"\ninterrupted at env step {global_step} ({received.name}); saving {checkpoint_path}", file=sys.stderr)
+                last_save_time = time.time()
+    if STOP_SIGNAL is not None and exit_code != 1:  # after a non-finite value, exit 1 all the same
+        exit_code = 128 + STOP_SIGNAL  # the shell's convention: 130 after Ctrl-C, 143 after SIGTERM
+        print(f"\ninterrupted at env step {global_step} ({STOP_SIGNAL.name}); saving {checkpoint_path}", file=sys.stderr)
     stopping()  # a Ctrl-C from here on cannot cut the final save short
     progress.close()
     if exit_code != 1:  # after a non-finite value, keep the last good checkpoint instead

@@ -312,20 +312,37 @@ class Terminated(KeyboardInterrupt):
 
 
 STOPPING = False  # set by the first Ctrl-C or SIGTERM, and when the run starts its final save
+IN_TRAINING_LOOP = False  # set when the training loop starts: from then on a stop signal is only recorded
+STOP_SIGNAL = None  # the Ctrl-C (SIGINT) or SIGTERM recorded for the training loop to stop at
 
 
 def on_stop_signal(signum, frame):
-    """Ctrl-C (SIGINT) or SIGTERM: the first stops the training loop, which saves the checkpoint and
-    exits (130 or 143). One that comes while the run is stopping or saving is reported and ignored,
+    """Ctrl-C (SIGINT) or SIGTERM: the first stops the run, which saves the checkpoint and exits (130
+    or 143). In the training loop it is only recorded (STOP_SIGNAL), and the loop stops at the end
+    of its iteration: an exception raised there at an arbitrary bytecode could land inside a
+    library's bookkeeping (TensorBoard's event queue, tqdm's locks), and a lock left held or a queue
+    count left wrong can hang the exit. Before the loop (setting up) it raises KeyboardInterrupt, or
+    Terminated for SIGTERM. One that comes while the run is stopping or saving is reported and ignored,
     so that a second Ctrl-C cannot cut the save short; kill -9 still ends the process at once, and
     the checkpoint on disk stays whole (saves are atomic)."""
+    global STOP_SIGNAL
     if STOPPING:
         # os.write, not print: a print here could land inside a print of the interrupted code,
         # which Python refuses (a reentrant call on sys.stderr's buffer).
         os.write(2, f"\n{signal.Signals(signum).name} ignored: the run is saving its checkpoint, then exits\n".encode())
         return
     stopping()
+    if IN_TRAINING_LOOP:
+        STOP_SIGNAL = signal.Signals(signum)
+        return
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def stop_signals_end_the_loop():
+    """From here on Ctrl-C and SIGTERM are recorded in STOP_SIGNAL, which the training loop checks
+    once per iteration, and no longer raised (on_stop_signal)."""
+    global IN_TRAINING_LOOP
+    IN_TRAINING_LOOP = True
 
 
 def stopping():
@@ -346,8 +363,8 @@ def exit_ignoring_stop_signals(exit_code):
 
 def catch_stop_signals():
     """Ctrl-C and SIGTERM go to on_stop_signal from here on."""
-    global STOPPING
-    STOPPING = False
+    global STOPPING, IN_TRAINING_LOOP, STOP_SIGNAL
+    STOPPING, IN_TRAINING_LOOP, STOP_SIGNAL = False, False, None
     signal.signal(signal.SIGTERM, on_stop_signal)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a shell starts background jobs with Ctrl-C ignored: keep that
         signal.signal(signal.SIGINT, on_stop_signal)
@@ -923,7 +940,7 @@ class Coordinator:
         deadline (False): a role stuck on its GPU must not hold the others past the time budget."""
         with self.condition:
             while not (self.stopping or rule()):
-                if time.time() >= deadline:
+                if time.time() >= deadline or STOP_SIGNAL is not None:  # Ctrl-C or SIGTERM: the actor's loop stops
                     return False
                 self.condition.wait(timeout=0.1)  # the timeout also guards against a lost wake-up
             return not self.stopping
@@ -1222,7 +1239,8 @@ def train(args, env, eval_env, devices):
     start_time = last_save_time = time.time()
     progress = progress_bar(args.total_timesteps)
     exit_code, iteration, error = 0, 0, None
-    out_of_budget = False  # set by the iteration that reaches --total-timesteps or --max-time
+    out_of_budget = False  # set by the iteration that reaches --total-timesteps or --max-time, or by Ctrl-C or SIGTERM
+    stop_signals_end_the_loop()
     try:
         with role_streams(actor_device, v_device):
             obs = env.reset()
@@ -1257,7 +1275,7 @@ def train(args, env, eval_env, devices):
                 if iteration % args.sync_interval == 0:
                     normalizer_mailbox.publish({"obs_normalizer": obs_normalizer})
                 progress.update(args.num_envs)
-                out_of_budget = global_step >= args.total_timesteps or time.time() - start_time >= args.max_time
+                out_of_budget = global_step >= args.total_timesteps or time.time() - start_time >= args.max_time or STOP_SIGNAL is not None
 
                 # ---- logging and checkpoints: the only host syncs of the actor's loop; every
                 # --log-interval iterations, and after the last one, so that the logs reach the run's end ----
@@ -1280,12 +1298,11 @@ def train(args, env, eval_env, devices):
                             exit_code = 1
                             break
                         last_save_time = time.time()
-    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM raised as Terminated
-        received = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
-        exit_code = 128 + received  # the shell's convention: 130 after Ctrl-C, 143 after SIGTERM
-        print(f"\ninterrupted at env step {global_step} ({received.name}); saving {checkpoint_path}", file=sys.stderr)
     except BaseException as main_error:  # noqa: B036 -- stop the learners, save, then re-raise
         error = main_error
+    if STOP_SIGNAL is not None and exit_code != 1:  # after a non-finite value, exit 1 all the same
+        exit_code = 128 + STOP_SIGNAL  # the shell's convention: 130 after Ctrl-C, 143 after SIGTERM
+        print(f"\ninterrupted at env step {global_step} ({STOP_SIGNAL.name}); saving {checkpoint_path}", file=sys.stderr)
     # ---- shutdown: stop every role, wait (never forever), flush, re-raise a thread's exception ----
     stopping()  # a Ctrl-C from here on cannot cut the final save short
     coordinator.stop()

@@ -640,6 +640,9 @@ def test_ctrl_c_and_sigterm_save_the_checkpoint_and_exit_cleanly(tmp_path, signa
     assert f"({signal_to_send.name}); saving" in err and "Traceback" not in err
     assert f"interrupted at env step {global_step} " in err and global_step > 0
     assert seconds_to_exit < 15
+    # The signal only ends the loop at the end of its iteration, which logs the last stretch too.
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert read_scalars(run_dir)["charts/SPS"][-1][0] == global_step
 
 
 @pytest.mark.parametrize("script", ["pql", "pql_threaded"])
