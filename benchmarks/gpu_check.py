@@ -107,7 +107,7 @@ class Args:
     timeout: float = 1800.0
     """seconds a training or evaluation subprocess may run before it is stopped and counted as failed"""
     critics: Tuple[str, ...] = tuple(CRITICS)
-    """critics of the runs of check 1 (scalar, distributional); the --cuda-graphs and multi-GPU runs are scalar"""
+    """critics of the runs of check 1 (scalar, distributional); the --no-cuda-graphs and multi-GPU runs are scalar"""
     flags: str = ""
     """more flags for every training run, e.g. "--compile --tf32": a speed-up checked end to end"""
     tiny: bool = False

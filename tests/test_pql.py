@@ -356,10 +356,10 @@ HOST_SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select"
 def test_learner_steps_make_no_host_sync(script, distributional):
     """A step that --cuda-graphs records must not wait for the device: no .item(), no Python branch
     on a device value, no boolean-mask indexing (its output size is data-dependent). On a GPU these
-    break the capture, or freeze one value into the graph; the GPU check (benchmarks/gpu_check.py)
-    records only the scalar critic's steps. Here every aten op of both steps of both scripts is
-    watched on the CPU, and the ops that read a value back to the host, or whose output size
-    depends on the data, must not appear."""
+    break the capture, or freeze one value into the graph; on the H200 (2026-11-26) only the scalar
+    critic's steps were recorded (benchmarks/gpu_check.py now records both). Here every aten op of
+    both steps of both scripts is watched on the CPU, and the ops that read a value back to the
+    host, or whose output size depends on the data, must not appear."""
     from torch.utils._python_dispatch import TorchDispatchMode
     module = importlib.import_module(script)
 
