@@ -504,23 +504,22 @@ class ReplayBuffer:
         window[0].fill_(self.pos)
         window[1].fill_(min(self.size, self.capacity - self.overwrite_guard))
 
-    def sample(self, batch_size, nstep, gamma, window):
-        return self.gather(*self.sample_rows(batch_size, window), nstep, gamma)
+    def sample(self, draws, nstep, gamma, window):
+        return self.gather(*self.sample_rows(draws, window), nstep, gamma)
 
-    def sample_obs(self, batch_size, window):
+    def sample_obs(self, draws, window):
         """Observations only: the P-learner needs no n-step windows."""
-        env_index, start, _ = self.sample_rows(batch_size, window)
+        env_index, start, _ = self.sample_rows(draws, window)
         return self.obs.flatten(0, 1)[env_index * self.capacity + start]
 
-    def sample_rows(self, batch_size, window):
-        """Uniformly random (env, row) pairs among the rows that `window` allows, and each row's age
-        (0: the newest row). Everything stays on the device: randint needs its bound as a Python
-        number, so the age is a large random integer modulo the device-held number of rows (its
-        bias, under rows / 2^62, is nil)."""
+    def sample_rows(self, draws, window):
+        """Uniformly random (env, row) pairs among the rows that `window` allows, one per sample of
+        `draws` (RandomDraws), and each row's age (0: the newest row). Everything stays on the
+        device: the age is a large random integer modulo the device-held number of rows (its bias,
+        under rows / 2^62, is nil), as no random draw can take a device-held bound."""
         pos, sampleable_rows = window[0], window[1]
-        env_index = torch.randint(0, self.num_envs, (batch_size,), device=self.device)
-        age = torch.randint(0, 2**62, (batch_size,), device=self.device) % sampleable_rows
-        return env_index, (pos - 1 - age) % self.capacity, age
+        age = draws.large_integer % sampleable_rows
+        return draws.env_index, (pos - 1 - age) % self.capacity, age
 
     def gather(self, env_index, start, age, nstep, gamma):
         """The n-step transitions starting at row `start` of each env, `age` rows before its newest.
@@ -553,6 +552,27 @@ class ReplayBuffer:
             discount,
             self.valid.flatten()[first_row],
         )
+
+
+class RandomDraws:
+    """The random numbers of one learner update, drawn into fixed tensors just before it runs:
+    which env and which row each sample comes from, and (V-learner) the target policy noise.
+
+    Drawn outside the update, so that the update itself draws nothing: replayed from a CUDA graph
+    (--cuda-graphs) it then takes no state from the GPU's random generator, and in pql_threaded.py
+    the two learners' graphs can run at the same time on their own streams (docs/gpu.md).
+    """
+
+    def __init__(self, batch_size, num_envs, noise_dim, device):
+        self.num_envs = num_envs
+        self.env_index = torch.zeros(batch_size, dtype=torch.long, device=device)  # uniform over the envs
+        self.large_integer = torch.zeros(batch_size, dtype=torch.long, device=device)  # uniform in [0, 2^62): a row's age, modulo the rows
+        self.target_noise = torch.zeros(batch_size, noise_dim, device=device)  # N(0, 1); noise_dim 0 for the P-learner
+
+    def draw(self):
+        self.env_index.random_(0, self.num_envs)
+        self.large_integer.random_(0, 2**62)
+        self.target_noise.normal_()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,13 +733,14 @@ def evaluation_step(eval_env, eval_obs, policy, obs_normalizer, stats):
 # ---------------------------------------------------------------------------------------------
 # The V-learner: one critic update
 # ---------------------------------------------------------------------------------------------
-def update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, args):
+def update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, target_noise, args):
+    """One critic update on `batch` (ReplayBuffer.gather); target_noise: N(0, 1), shaped like the actions."""
     obs, actions, n_step_reward, bootstrap_obs, discount, valid = batch
     obs, bootstrap_obs = obs_normalizer.normalize(obs), obs_normalizer.normalize(bootstrap_obs)
     with torch.no_grad():
         # Target policy smoothing (TD3); PQL has no target actor: the latest policy copy acts.
         next_actions = target_policy(bootstrap_obs)
-        noise = (torch.randn_like(next_actions) * args.target_policy_noise).clamp(-args.target_noise_clip, args.target_noise_clip)
+        noise = (target_noise * args.target_policy_noise).clamp(-args.target_noise_clip, args.target_noise_clip)
         next_actions = (next_actions + noise).clamp(-1.0, 1.0)
         if critic.distributional:
             # Clipped double Q for distributions: per sample, take the target critic whose mean is
@@ -791,22 +812,24 @@ def make_optimizer(parameters, lr, capturable):
         return torch.optim.AdamW(parameters, lr=lr, foreach=True, capturable=capturable)
 
 
-def v_learner_step(replay_buffer, window, critic, critic_target, critic_optimizer, target_policy, obs_normalizer, stats, args):
+def v_learner_step(replay_buffer, window, draws, critic, critic_target, critic_optimizer, target_policy, obs_normalizer, stats, args):
     """One V-update with its sampling, its statistics summed into `stats` on the device: the unit
-    that --compile compiles and --cuda-graphs records."""
-    batch = replay_buffer.sample(args.batch_size, args.nstep, args.gamma, window)
-    critic_loss, q_mean, outside_support = update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, args)
+    that --compile compiles and --cuda-graphs records. Its random numbers are `draws`, drawn
+    before each call (RandomDraws.draw)."""
+    batch = replay_buffer.sample(draws, args.nstep, args.gamma, window)
+    critic_loss, q_mean, outside_support = update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch,
+                                                         draws.target_noise, args)
     stats["critic_loss"] += critic_loss
     stats["q_mean"] += q_mean
     stats["outside_support"] += outside_support
     stats["critic_nonfinite"] += ~torch.isfinite(critic_loss)
 
 
-def p_learner_step(replay_buffer, window, actor, actor_optimizer, policy_critic, obs_normalizer, stats, args):
+def p_learner_step(replay_buffer, window, draws, actor, actor_optimizer, policy_critic, obs_normalizer, stats, args):
     """One P-update with its sampling and statistics, as v_learner_step."""
     device = stats["actor_loss"].device  # the P-learner's, which may not be the replay buffer's
     # Toward a GPU the copy may run behind; toward the CPU the values are needed at once.
-    obs_batch = replay_buffer.sample_obs(args.batch_size, window).to(device, non_blocking=device.type == "cuda")
+    obs_batch = replay_buffer.sample_obs(draws, window).to(device, non_blocking=device.type == "cuda")
     actor_loss = update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs_batch, args)
     stats["actor_loss"] += actor_loss
     stats["actor_nonfinite"] += ~torch.isfinite(actor_loss)
@@ -819,13 +842,12 @@ def capture_cuda_graph(step, state, optimizer, device):
     replay buffer and its sampling window) and only the values there change.
 
     Capture needs a few eager calls first, on a side stream: they create cuBLAS handles, the
-    optimizer's state and autograd's buffers. They also train and draw random numbers, so `state`
-    (the tensors the step changes), the optimizer and the GPU's random generator are put back
-    afterwards, in place: the run starts where it was.
+    optimizer's state and autograd's buffers. They also train, so `state` (the tensors the step
+    changes) and the optimizer are put back afterwards, in place: the run starts where it was. The
+    step draws no random numbers (RandomDraws), so the graph holds none either.
     """
     with torch.cuda.device(device):
         saved = [tensor.detach().clone() for tensor in state]
-        random_state = torch.cuda.get_rng_state(device)
         side_stream = torch.cuda.Stream()
         side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side_stream):
@@ -843,7 +865,6 @@ def capture_cuda_graph(step, state, optimizer, device):
             for param_state in optimizer.state.values():  # as before the first step: no moments, step 0
                 for value in param_state.values():
                     value.zero_()
-        torch.cuda.set_rng_state(random_state, device)  # each replay draws on from the generator's state
     return graph.replay
 
 
@@ -915,9 +936,14 @@ def train(args, env, eval_env, device):
 
     # The learners' steps as functions of nothing; compiled, or recorded as CUDA graphs, or both
     # (then the recording's warm-up calls compile, and the graph replays the compiled kernels).
+    # Each step's random numbers are drawn before it (draws.draw()), into tensors it reads.
+    v_draws = RandomDraws(args.batch_size, args.num_envs, env.act_dim, device)
+    p_draws = RandomDraws(args.batch_size, args.num_envs, 0, device)
     v_step, p_step = (torch.compile(v_learner_step), torch.compile(p_learner_step)) if args.compile else (v_learner_step, p_learner_step)
-    v_step = functools.partial(v_step, replay_buffer, replay_buffer.window, critic, critic_target, critic_optimizer, target_policy, obs_normalizer, stats, args)
-    p_step = functools.partial(p_step, replay_buffer, replay_buffer.window, actor, actor_optimizer, policy_critic, obs_normalizer, stats, args)
+    v_step = functools.partial(v_step, replay_buffer, replay_buffer.window, v_draws, critic, critic_target, critic_optimizer, target_policy,
+                               obs_normalizer, stats, args)
+    p_step = functools.partial(p_step, replay_buffer, replay_buffer.window, p_draws, actor, actor_optimizer, policy_critic, obs_normalizer,
+                               stats, args)
     if args.cuda_graphs:
         # Recorded before any data is in: the eager calls sample row 0 of each env (zeros, not
         # valid), then everything they changed is put back.
@@ -959,10 +985,12 @@ def train(args, env, eval_env, device):
         # update per v_updates_per_p_update of them ----
         if iteration >= args.warmup_iterations:
             for _ in range(args.v_updates_per_env_step):
+                v_draws.draw()
                 v_step()
                 v_updates += 1
                 stats["v_updates"] += 1
                 if v_updates % args.v_updates_per_p_update == 0:
+                    p_draws.draw()
                     p_step()
                     p_updates += 1
                     stats["p_updates"] += 1

@@ -517,23 +517,22 @@ class ReplayBuffer:
         window[0].fill_(self.pos)
         window[1].fill_(min(self.size, self.capacity - self.overwrite_guard))
 
-    def sample(self, batch_size, nstep, gamma, window):
-        return self.gather(*self.sample_rows(batch_size, window), nstep, gamma)
+    def sample(self, draws, nstep, gamma, window):
+        return self.gather(*self.sample_rows(draws, window), nstep, gamma)
 
-    def sample_obs(self, batch_size, window):
+    def sample_obs(self, draws, window):
         """Observations only: the P-learner needs no n-step windows."""
-        env_index, start, _ = self.sample_rows(batch_size, window)
+        env_index, start, _ = self.sample_rows(draws, window)
         return self.obs.flatten(0, 1)[env_index * self.capacity + start]
 
-    def sample_rows(self, batch_size, window):
-        """Uniformly random (env, row) pairs among the rows that `window` allows, and each row's age
-        (0: the newest row). Everything stays on the device: randint needs its bound as a Python
-        number, so the age is a large random integer modulo the device-held number of rows (its
-        bias, under rows / 2^62, is nil)."""
+    def sample_rows(self, draws, window):
+        """Uniformly random (env, row) pairs among the rows that `window` allows, one per sample of
+        `draws` (RandomDraws), and each row's age (0: the newest row). Everything stays on the
+        device: the age is a large random integer modulo the device-held number of rows (its bias,
+        under rows / 2^62, is nil), as no random draw can take a device-held bound."""
         pos, sampleable_rows = window[0], window[1]
-        env_index = torch.randint(0, self.num_envs, (batch_size,), device=self.device)
-        age = torch.randint(0, 2**62, (batch_size,), device=self.device) % sampleable_rows
-        return env_index, (pos - 1 - age) % self.capacity, age
+        age = draws.large_integer % sampleable_rows
+        return draws.env_index, (pos - 1 - age) % self.capacity, age
 
     def gather(self, env_index, start, age, nstep, gamma):
         """The n-step transitions starting at row `start` of each env, `age` rows before its newest.
@@ -566,6 +565,27 @@ class ReplayBuffer:
             discount,
             self.valid.flatten()[first_row],
         )
+
+
+class RandomDraws:
+    """The random numbers of one learner update, drawn into fixed tensors just before it runs:
+    which env and which row each sample comes from, and (V-learner) the target policy noise.
+
+    Drawn outside the update, so that the update itself draws nothing: replayed from a CUDA graph
+    (--cuda-graphs) it then takes no state from the GPU's random generator, and in pql_threaded.py
+    the two learners' graphs can run at the same time on their own streams (docs/gpu.md).
+    """
+
+    def __init__(self, batch_size, num_envs, noise_dim, device):
+        self.num_envs = num_envs
+        self.env_index = torch.zeros(batch_size, dtype=torch.long, device=device)  # uniform over the envs
+        self.large_integer = torch.zeros(batch_size, dtype=torch.long, device=device)  # uniform in [0, 2^62): a row's age, modulo the rows
+        self.target_noise = torch.zeros(batch_size, noise_dim, device=device)  # N(0, 1); noise_dim 0 for the P-learner
+
+    def draw(self):
+        self.env_index.random_(0, self.num_envs)
+        self.large_integer.random_(0, 2**62)
+        self.target_noise.normal_()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,13 +746,14 @@ def evaluation_step(eval_env, eval_obs, policy, obs_normalizer, stats):
 # ---------------------------------------------------------------------------------------------
 # The V-learner: one critic update
 # ---------------------------------------------------------------------------------------------
-def update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, args):
+def update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, target_noise, args):
+    """One critic update on `batch` (ReplayBuffer.gather); target_noise: N(0, 1), shaped like the actions."""
     obs, actions, n_step_reward, bootstrap_obs, discount, valid = batch
     obs, bootstrap_obs = obs_normalizer.normalize(obs), obs_normalizer.normalize(bootstrap_obs)
     with torch.no_grad():
         # Target policy smoothing (TD3); PQL has no target actor: the latest policy copy acts.
         next_actions = target_policy(bootstrap_obs)
-        noise = (torch.randn_like(next_actions) * args.target_policy_noise).clamp(-args.target_noise_clip, args.target_noise_clip)
+        noise = (target_noise * args.target_policy_noise).clamp(-args.target_noise_clip, args.target_noise_clip)
         next_actions = (next_actions + noise).clamp(-1.0, 1.0)
         if critic.distributional:
             # Clipped double Q for distributions: per sample, take the target critic whose mean is
@@ -804,22 +825,24 @@ def make_optimizer(parameters, lr, capturable):
         return torch.optim.AdamW(parameters, lr=lr, foreach=True, capturable=capturable)
 
 
-def v_learner_step(replay_buffer, window, critic, critic_target, critic_optimizer, target_policy, obs_normalizer, stats, args):
+def v_learner_step(replay_buffer, window, draws, critic, critic_target, critic_optimizer, target_policy, obs_normalizer, stats, args):
     """One V-update with its sampling, its statistics summed into `stats` on the device: the unit
-    that --compile compiles and --cuda-graphs records."""
-    batch = replay_buffer.sample(args.batch_size, args.nstep, args.gamma, window)
-    critic_loss, q_mean, outside_support = update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, args)
+    that --compile compiles and --cuda-graphs records. Its random numbers are `draws`, drawn
+    before each call (RandomDraws.draw)."""
+    batch = replay_buffer.sample(draws, args.nstep, args.gamma, window)
+    critic_loss, q_mean, outside_support = update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch,
+                                                         draws.target_noise, args)
     stats["critic_loss"] += critic_loss
     stats["q_mean"] += q_mean
     stats["outside_support"] += outside_support
     stats["critic_nonfinite"] += ~torch.isfinite(critic_loss)
 
 
-def p_learner_step(replay_buffer, window, actor, actor_optimizer, policy_critic, obs_normalizer, stats, args):
+def p_learner_step(replay_buffer, window, draws, actor, actor_optimizer, policy_critic, obs_normalizer, stats, args):
     """One P-update with its sampling and statistics, as v_learner_step."""
     device = stats["actor_loss"].device  # the P-learner's, which may not be the replay buffer's
     # Toward a GPU the copy may run behind; toward the CPU the values are needed at once.
-    obs_batch = replay_buffer.sample_obs(args.batch_size, window).to(device, non_blocking=device.type == "cuda")
+    obs_batch = replay_buffer.sample_obs(draws, window).to(device, non_blocking=device.type == "cuda")
     actor_loss = update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs_batch, args)
     stats["actor_loss"] += actor_loss
     stats["actor_nonfinite"] += ~torch.isfinite(actor_loss)
@@ -832,13 +855,12 @@ def capture_cuda_graph(step, state, optimizer, device):
     replay buffer and its sampling window) and only the values there change.
 
     Capture needs a few eager calls first, on a side stream: they create cuBLAS handles, the
-    optimizer's state and autograd's buffers. They also train and draw random numbers, so `state`
-    (the tensors the step changes), the optimizer and the GPU's random generator are put back
-    afterwards, in place: the run starts where it was.
+    optimizer's state and autograd's buffers. They also train, so `state` (the tensors the step
+    changes) and the optimizer are put back afterwards, in place: the run starts where it was. The
+    step draws no random numbers (RandomDraws), so the graph holds none either.
     """
     with torch.cuda.device(device):
         saved = [tensor.detach().clone() for tensor in state]
-        random_state = torch.cuda.get_rng_state(device)
         side_stream = torch.cuda.Stream()
         side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side_stream):
@@ -856,7 +878,6 @@ def capture_cuda_graph(step, state, optimizer, device):
             for param_state in optimizer.state.values():  # as before the first step: no moments, step 0
                 for value in param_state.values():
                     value.zero_()
-        torch.cuda.set_rng_state(random_state, device)  # each replay draws on from the generator's state
     return graph.replay
 
 
@@ -1096,30 +1117,6 @@ class SharedReplay:
             self.buffer.fill_window(window)
 
 
-class OneGraphAtATime:
-    """With --cuda-graphs, replays the learners' graphs one after the other on the GPU.
-
-    Both graphs draw random numbers from the GPU's default generator, whose seed and offset a
-    replay sets on its own stream just before it runs: two graphs running at once on two streams
-    could read each other's (docs/gpu.md). So each replay's stream first waits for the previous
-    replay, by either learner, to finish. The learners' threads still run side by side, each
-    update is still one launch, and no host ever waits for the GPU.
-    """
-
-    def __init__(self):
-        self.lock = threading.Lock()  # orders the replays' launches, so "previous" is well defined
-        self.last_replay = torch.cuda.Event()
-
-    def wrap(self, replay):
-        def replay_after_the_previous_one():
-            with self.lock:
-                stream = torch.cuda.current_stream()
-                stream.wait_event(self.last_replay)  # returns at once while the event was never recorded
-                replay()
-                self.last_replay.record(stream)
-        return replay_after_the_previous_one
-
-
 def run_role(coordinator, role, *role_args):
     """Thread body: run a role; on any exception stop every role and keep it for the main thread."""
     try:
@@ -1128,7 +1125,7 @@ def run_role(coordinator, role, *role_args):
         coordinator.stop(error)
 
 
-def v_learner(coordinator, shared_replay, window, v_step, target_policy, obs_normalizer,
+def v_learner(coordinator, shared_replay, window, draws, v_step, target_policy, obs_normalizer,
               policy_mailbox, critic_mailbox, normalizer_mailbox, critic, critic_target, device, args):
     with role_streams(device):
         in_flight, policy_version, normalizer_version = InFlightLimit(device), -1, -1
@@ -1136,6 +1133,7 @@ def v_learner(coordinator, shared_replay, window, v_step, target_policy, obs_nor
             policy_version = policy_mailbox.fetch("actor", target_policy, policy_version)
             normalizer_version = normalizer_mailbox.fetch("obs_normalizer", obs_normalizer, normalizer_version)
             shared_replay.fill_window(window)
+            draws.draw()  # this update's random numbers, on this thread's stream
             v_step()  # sample, update, statistics (v_learner_step), or its CUDA graph
             in_flight.mark()
             coordinator.count("v_updates")
@@ -1143,7 +1141,7 @@ def v_learner(coordinator, shared_replay, window, v_step, target_policy, obs_nor
                 critic_mailbox.publish({"critic": critic, "critic_target": critic_target})
 
 
-def p_learner(coordinator, shared_replay, window, p_step, policy_critic, obs_normalizer,
+def p_learner(coordinator, shared_replay, window, draws, p_step, policy_critic, obs_normalizer,
               policy_mailbox, critic_mailbox, normalizer_mailbox, actor, device, args):
     with role_streams(device, shared_replay.buffer.device):
         in_flight, critic_version, normalizer_version = InFlightLimit(device), -1, -1
@@ -1151,6 +1149,7 @@ def p_learner(coordinator, shared_replay, window, p_step, policy_critic, obs_nor
             critic_version = critic_mailbox.fetch("critic", policy_critic, critic_version)
             normalizer_version = normalizer_mailbox.fetch("obs_normalizer", obs_normalizer, normalizer_version)
             shared_replay.fill_window(window)
+            draws.draw()
             p_step()  # sample, update, statistics (p_learner_step), or its CUDA graph
             in_flight.mark()
             coordinator.count("p_updates")
@@ -1203,15 +1202,20 @@ def train(args, env, eval_env, devices):
     first_nonfinite_iteration = torch.full((), float("inf"), device=actor_device)
     iteration_on_device = torch.zeros((), device=actor_device)
 
-    # The learners' steps as functions of nothing, each sampling through its own window; compiled,
-    # or recorded as CUDA graphs, or both (then the recording's warm-up calls compile, and the graph
-    # replays the compiled kernels), if asked. Each graph is recorded here, before the threads start
-    # (a capture forbids other threads' CUDA work), in a memory pool of its own; a learner then
-    # replays it on its own stream: one launch per update, and the GIL is free in between.
+    # The learners' steps as functions of nothing, each sampling through its own window with its
+    # own random numbers, drawn before each step (draws.draw()); compiled, or recorded as CUDA
+    # graphs, or both (then the recording's warm-up calls compile, and the graph replays the
+    # compiled kernels), if asked. Each graph is recorded here, before the threads start (a capture
+    # forbids other threads' CUDA work), in a memory pool of its own; a learner then replays it on
+    # its own stream: one launch per update, and the GIL is free in between. The graphs draw no
+    # random numbers, so the two learners' replays can run at the same time.
     v_window, p_window = replay_buffer.new_window(), replay_buffer.new_window()
+    v_draws = RandomDraws(args.batch_size, args.num_envs, env.act_dim, v_device)
+    p_draws = RandomDraws(args.batch_size, args.num_envs, 0, v_device)  # sampling runs where the buffer is
     v_step, p_step = (torch.compile(v_learner_step), torch.compile(p_learner_step)) if args.compile else (v_learner_step, p_learner_step)
-    v_step = functools.partial(v_step, replay_buffer, v_window, critic, critic_target, critic_optimizer, target_policy, v_normalizer, v_stats, args)
-    p_step = functools.partial(p_step, replay_buffer, p_window, actor, actor_optimizer, policy_critic, p_normalizer, p_stats, args)
+    v_step = functools.partial(v_step, replay_buffer, v_window, v_draws, critic, critic_target, critic_optimizer, target_policy, v_normalizer,
+                               v_stats, args)
+    p_step = functools.partial(p_step, replay_buffer, p_window, p_draws, actor, actor_optimizer, policy_critic, p_normalizer, p_stats, args)
     if args.cuda_graphs:
         # Recorded before any data is in: the eager calls sample row 0 of each env (zeros, not
         # valid), then everything they changed is put back.
@@ -1219,15 +1223,13 @@ def train(args, env, eval_env, devices):
         p_window.fill_(1)
         v_step = capture_cuda_graph(v_step, [*critic.parameters(), *critic_target.parameters(), *v_stats.values()], critic_optimizer, v_device)
         p_step = capture_cuda_graph(p_step, [*actor.parameters(), *p_stats.values()], actor_optimizer, p_device)
-        one_at_a_time = OneGraphAtATime()
-        v_step, p_step = one_at_a_time.wrap(v_step), one_at_a_time.wrap(p_step)
 
     threads = [
         threading.Thread(target=run_role, name="v-learner", daemon=True, args=(
-            coordinator, v_learner, shared_replay, v_window, v_step, target_policy, v_normalizer,
+            coordinator, v_learner, shared_replay, v_window, v_draws, v_step, target_policy, v_normalizer,
             policy_mailbox, critic_mailbox, normalizer_mailbox, critic, critic_target, v_device, args)),
         threading.Thread(target=run_role, name="p-learner", daemon=True, args=(
-            coordinator, p_learner, shared_replay, p_window, p_step, policy_critic, p_normalizer,
+            coordinator, p_learner, shared_replay, p_window, p_draws, p_step, policy_critic, p_normalizer,
             policy_mailbox, critic_mailbox, normalizer_mailbox, actor, p_device, args)),
     ]
     for thread in threads:

@@ -434,9 +434,9 @@ def graphs_against_eager(device, hidden_dims=(512, 256, 128), batch_size=8192, u
     """pql.py's learner steps replayed from CUDA graphs against the same steps run eagerly: two
     learners built alike (benchmarks/update_speed.py), the same seed before each path's updates.
     Returns (largest relative difference of the summed losses, largest difference of any weight).
-    The graphs draw their random numbers from the same generator state, so the batches and the
-    target noise should be the same; if they were not, the losses would differ by far more than
-    float rounding."""
+    Both paths draw each step's random numbers eagerly before it (RandomDraws) from the same
+    generator state, so the batches and the target noise should be the same; if they were not, the
+    losses would differ by far more than float rounding."""
     import torch
     sys.path.insert(0, HERE)
     from update_speed import Learners

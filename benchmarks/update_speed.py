@@ -152,6 +152,7 @@ class Learners:
         self.target_policy = copy.deepcopy(self.actor).requires_grad_(False)
         self.policy_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.module = module
+        self.v_draws = self.p_draws = None  # the code before drew its random numbers inside its updates
         if path == "before":
             self.actor_optimizer = torch.optim.AdamW(self.actor.parameters(), lr=args.actor_lr)
             self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=args.critic_lr)
@@ -167,9 +168,11 @@ class Learners:
         v_step, p_step = (torch.compile(pql.v_learner_step), torch.compile(pql.p_learner_step)) if path.startswith("compile") else (
             pql.v_learner_step, pql.p_learner_step)
         window = self.buffer.window
-        self.v_step = functools.partial(v_step, self.buffer, window, self.critic, self.critic_target, self.critic_optimizer,
+        self.v_draws = pql.RandomDraws(batch_size, 64, ACT_DIM, device)
+        self.p_draws = pql.RandomDraws(batch_size, 64, 0, device)
+        self.v_step = functools.partial(v_step, self.buffer, window, self.v_draws, self.critic, self.critic_target, self.critic_optimizer,
                                         self.target_policy, self.normalizer, stats, args)
-        self.p_step = functools.partial(p_step, self.buffer, window, self.actor, self.actor_optimizer, self.policy_critic,
+        self.p_step = functools.partial(p_step, self.buffer, window, self.p_draws, self.actor, self.actor_optimizer, self.policy_critic,
                                         self.normalizer, stats, args)
         if graphs:  # as pql.py records them
             self.v_step = pql.capture_cuda_graph(self.v_step, [*self.critic.parameters(), *self.critic_target.parameters(),
@@ -185,11 +188,16 @@ class Learners:
         self.module.update_actor(self.actor, self.actor_optimizer, self.policy_critic, self.normalizer, obs, self.args)
 
     def iteration(self):
-        """The learners' share of one iteration of pql.py: 8 V-updates, 4 P-updates, hand-off."""
+        """The learners' share of one iteration of pql.py: 8 V-updates, 4 P-updates (each with its
+        random draws), hand-off."""
         torch.backends.cuda.matmul.allow_tf32 = self.tf32
         for v_update in range(1, V_UPDATES + 1):
+            if self.v_draws is not None:
+                self.v_draws.draw()
             self.v_step()
             if v_update % self.args.v_updates_per_p_update == 0:
+                if self.p_draws is not None:
+                    self.p_draws.draw()
                 self.p_step()
         self.module.copy_weights(self.actor, self.target_policy)
         self.module.copy_weights(self.critic, self.policy_critic)

@@ -129,11 +129,14 @@ def test_sampling_only_returns_written_rows():
         written.update(ids.tolist())
         false = torch.zeros(num_envs, dtype=torch.bool)
         buffer.add(ids[:, None], ids[:, None], ids, ids[:, None], false, false, ~false)
-    obs = buffer.sample(10_000, nstep=3, gamma=0.99, window=buffer.window)[0]
+    draws = pql.RandomDraws(10_000, num_envs, 0, torch.device("cpu"))
+    draws.draw()
+    obs = buffer.sample(draws, nstep=3, gamma=0.99, window=buffer.window)[0]
     sampled = set(obs.squeeze(1).tolist())
     assert sampled <= written
     assert sampled == written  # and every written row can be drawn
-    assert set(buffer.sample_obs(10_000, buffer.window).squeeze(1).tolist()) == written  # the P-learner's observations alike
+    draws.draw()
+    assert set(buffer.sample_obs(draws, buffer.window).squeeze(1).tolist()) == written  # the P-learner's observations alike
 
 
 def test_rows_are_drawn_uniformly_from_the_window_on_the_device():
@@ -144,14 +147,15 @@ def test_rows_are_drawn_uniformly_from_the_window_on_the_device():
     for step in range(53):  # wraps: pos 13, full
         buffer.add(torch.zeros(3, 1), torch.zeros(3, 1), torch.zeros(3), torch.zeros(3, 1), false, false, ~false)
     assert buffer.window.tolist() == [13, 37]  # pos, and 40 rows less the 3 guarded ones
-    draws = 370_000
+    draws = pql.RandomDraws(370_000, 3, 0, torch.device("cpu"))
+    draws.draw()
     env_index, start, age = buffer.sample_rows(draws, buffer.window)
     assert torch.equal(start, (13 - 1 - age) % 40)
     counts = torch.bincount(age, minlength=37).double()
     assert len(counts) == 37  # no age beyond the window
-    expected = draws / 37
+    expected = 370_000 / 37
     assert ((counts - expected).abs() < 5 * expected**0.5).all()  # within 5 sigma of uniform, every age
-    assert ((torch.bincount(env_index).double() - draws / 3).abs() < 5 * (draws / 3) ** 0.5).all()
+    assert ((torch.bincount(env_index).double() - 370_000 / 3).abs() < 5 * (370_000 / 3) ** 0.5).all()
 
 
 def test_timeouts_bootstrap_and_terminations_do_not():
@@ -205,7 +209,7 @@ def make_args(**overrides):
 
 def test_critic_update_target_and_polyak_averaging():
     torch.manual_seed(0)
-    args = make_args(tau=0.1, target_policy_noise=0.0)
+    args = make_args(tau=0.1, target_policy_noise=0.2, target_noise_clip=0.3)
     critic, policy = pql.Critic(3, 2, args.hidden_dims), pql.Actor(3, 2, args.hidden_dims)
     critic_target = pql.Critic(3, 2, args.hidden_dims).requires_grad_(False)  # different weights on purpose
     optimizer = torch.optim.SGD(critic.parameters(), lr=0.0)  # lr 0: the critic stays put, only the target moves
@@ -213,11 +217,14 @@ def test_critic_update_target_and_polyak_averaging():
     batch = (torch.randn(32, 3), torch.rand(32, 2) * 2 - 1, torch.randn(32), torch.randn(32, 3), torch.rand(32),
              (torch.rand(32) > 0.2).float())
     old_target = copy.deepcopy(critic_target)
-    loss, _, _ = pql.update_critic(critic, critic_target, optimizer, policy, normalizer, batch, args)
-    # The loss against a target computed here, independently: r + discount * min(Q1', Q2')(s', pi(s')).
+    target_noise = torch.randn(32, 2)  # N(0, 1): scaled by 0.2, then clipped to +-0.3
+    loss, _, _ = pql.update_critic(critic, critic_target, optimizer, policy, normalizer, batch, target_noise, args)
+    # The loss against a target computed here, independently:
+    # r + discount * min(Q1', Q2')(s', a'), a' = pi(s') + clip(0.2 * noise, +-0.3), within [-1, 1].
     obs, actions, reward, bootstrap_obs, discount, valid = batch
     with torch.no_grad():
-        tq1, tq2 = old_target(bootstrap_obs, policy(bootstrap_obs))
+        next_actions = (policy(bootstrap_obs) + (0.2 * target_noise).clamp(-0.3, 0.3)).clamp(-1.0, 1.0)
+        tq1, tq2 = old_target(bootstrap_obs, next_actions)
         target = reward + discount * torch.min(tq1, tq2)
         q1, q2 = critic(obs, actions)
         errors = (q1 - target) ** 2 + (q2 - target) ** 2
@@ -320,16 +327,22 @@ def test_fast_updates_match_the_code_before_them(distributional):
                  critic_optimizer=torch.optim.AdamW(old_critic.parameters(), lr=args.critic_lr),
                  actor_optimizer=torch.optim.AdamW(old_actor.parameters(), lr=args.actor_lr), module=before, args=old_args)
     assert "fused" not in repr(plain["critic_optimizer"].defaults) or not plain["critic_optimizer"].defaults["fused"]
+    draws = pql.RandomDraws(args.batch_size, 8, 0, torch.device("cpu"))
     for v_update in range(1, 17):
-        batch = buffer.sample(args.batch_size, args.nstep, args.gamma, buffer.window)
-        obs_batch = buffer.sample_obs(args.batch_size, buffer.window)
+        draws.draw()
+        batch = buffer.sample(draws, args.nstep, args.gamma, buffer.window)
+        draws.draw()
+        obs_batch = buffer.sample_obs(draws, buffer.window)
+        torch.manual_seed(v_update)
+        target_noise = torch.randn(args.batch_size, 1)  # the numbers the code before draws inside its update, from the same seed
         losses = []
         for path in (fast, plain):
             module, path_args = path["module"], path["args"]
             torch.manual_seed(v_update)  # the same target policy noise
             target_policy = copy.deepcopy(path["actor"]).requires_grad_(False)
+            noise_argument = (target_noise,) if module is pql else ()
             critic_loss, _, _ = module.update_critic(path["critic"], path["critic_target"], path["critic_optimizer"], target_policy,
-                                                     normalizer, batch, path_args)
+                                                     normalizer, batch, *noise_argument, path_args)
             losses.append(critic_loss.item())
             if v_update % 2 == 0:
                 policy_critic = copy.deepcopy(path["critic"]).requires_grad_(False)
@@ -353,13 +366,16 @@ HOST_SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select"
 
 @pytest.mark.parametrize("script", ["pql", "pql_threaded"])
 @pytest.mark.parametrize("distributional", [False, True])
-def test_learner_steps_make_no_host_sync(script, distributional):
+def test_learner_steps_make_no_host_sync_and_draw_no_random_numbers(script, distributional):
     """A step that --cuda-graphs records must not wait for the device: no .item(), no Python branch
     on a device value, no boolean-mask indexing (its output size is data-dependent). On a GPU these
     break the capture, or freeze one value into the graph; on the H200 (2026-11-26) only the scalar
     critic's steps were recorded (benchmarks/gpu_check.py now records both). Here every aten op of
     both steps of both scripts is watched on the CPU, and the ops that read a value back to the
-    host, or whose output size depends on the data, must not appear."""
+    host, or whose output size depends on the data, must not appear.
+    Nor may a step draw random numbers (they come drawn, in RandomDraws): a graph that drew them
+    would take the GPU generator's state at each replay, and pql_threaded.py's two learners could
+    then not replay theirs at the same time. The generator's state must be unchanged by the steps."""
     from torch.utils._python_dispatch import TorchDispatchMode
     module = importlib.import_module(script)
 
@@ -394,13 +410,23 @@ def test_learner_steps_make_no_host_sync(script, distributional):
     actor_optimizer = module.make_optimizer(actor.parameters(), args.actor_lr, capturable=True)  # as --cuda-graphs makes them
     critic_optimizer = module.make_optimizer(critic.parameters(), args.critic_lr, capturable=True)
     stats = {name: torch.zeros(()) for name in ["critic_loss", "q_mean", "outside_support", "critic_nonfinite", "actor_loss", "actor_nonfinite"]}
+    v_draws, p_draws = module.RandomDraws(args.batch_size, num_envs, act_dim, device), module.RandomDraws(args.batch_size, num_envs, 0, device)
     start_weight = next(critic.parameters()).detach().clone()
     with WatchForHostSyncs() as watch:
         for _ in range(3):
-            module.v_learner_step(replay_buffer, window, critic, critic_target, critic_optimizer, target_policy, obs_normalizer, stats, args)
-            module.p_learner_step(replay_buffer, window, actor, actor_optimizer, policy_critic, obs_normalizer, stats, args)
+            v_draws.draw()
+            p_draws.draw()
+            random_state = torch.get_rng_state()
+            module.v_learner_step(replay_buffer, window, v_draws, critic, critic_target, critic_optimizer, target_policy, obs_normalizer,
+                                  stats, args)
+            module.p_learner_step(replay_buffer, window, p_draws, actor, actor_optimizer, policy_critic, obs_normalizer, stats, args)
+            assert torch.equal(torch.get_rng_state(), random_state), "a learner step drew random numbers"
     assert watch.syncs == []
     assert not torch.equal(next(critic.parameters()), start_weight) and stats["critic_loss"] > 0  # the steps did run
+    # The generator check itself: a draw inside a step would change the state.
+    random_state = torch.get_rng_state()
+    torch.randint(0, 8, (4,))
+    assert not torch.equal(torch.get_rng_state(), random_state)
     # The watch itself: a host sync and a boolean mask are both seen.
     with WatchForHostSyncs() as watch:
         x = torch.randn(5)

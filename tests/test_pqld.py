@@ -102,7 +102,7 @@ def test_distributional_critic_update_uses_the_lower_target_and_cross_entropy():
         c1, c2 = critic.logits(obs, actions)
         expected = -(target * (torch.log_softmax(c1, 1) + torch.log_softmax(c2, 1))).sum(1).mean()
     optimizer = torch.optim.SGD(critic.parameters(), lr=0.0)
-    loss, q_mean, outside = pql.update_critic(critic, critic_target, optimizer, policy, normalizer, batch, args)
+    loss, q_mean, outside = pql.update_critic(critic, critic_target, optimizer, policy, normalizer, batch, torch.zeros(16, 1), args)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert q_mean.item() == pytest.approx(critic.mean_value(c1).mean().item(), rel=1e-5)
     assert 0.0 <= outside.item() <= 1.0

@@ -372,27 +372,6 @@ def test_each_role_keeps_its_own_device_current_and_its_streams_wait_for_the_set
         assert cuda.current_streams == cuda.default_streams and cuda.current_device == 0
 
 
-def test_learners_cuda_graphs_replay_one_after_the_other_on_the_gpu(monkeypatch):
-    """Each learner's replay waits, on its own stream, for the previous replay by either learner:
-    the two graphs never run at once (they share the GPU's random generator), and no host waits."""
-    cuda = FakeCuda(monkeypatch)
-    one_at_a_time = pql_threaded.OneGraphAtATime()
-    v_replay = one_at_a_time.wrap(lambda: cuda.log.append(("replay", "V")))
-    p_replay = one_at_a_time.wrap(lambda: cuda.log.append(("replay", "P")))
-    v_stream, p_stream = cuda.Stream(cuda, 0, "new"), cuda.Stream(cuda, 0, "new")
-    for stream, replay in [(v_stream, v_replay), (p_stream, p_replay), (v_stream, v_replay)]:
-        with torch.cuda.stream(stream):
-            replay()
-    event = one_at_a_time.last_replay
-    assert [entry[0] for entry in cuda.log] == ["stream waits for event", "replay", "record"] * 3
-    waits = [entry for entry in cuda.log if entry[0] == "stream waits for event"]
-    records = [entry for entry in cuda.log if entry[0] == "record"]
-    assert [w[1] for w in waits] == [v_stream, p_stream, v_stream] and all(w[2] is event for w in waits)
-    assert [r[1] for r in records] == [v_stream, p_stream, v_stream]  # each replay marks its end on its own stream
-    assert [entry[1] for entry in cuda.log if entry[0] == "replay"] == ["V", "P", "V"]
-    assert not any(entry[0].startswith("host waits") for entry in cuda.log)
-
-
 def test_in_flight_limit_reuses_a_fixed_ring_of_events(monkeypatch):
     cuda = FakeCuda(monkeypatch)
     limit = pql_threaded.InFlightLimit(torch.device("cuda", 0), limit=2)
@@ -461,8 +440,8 @@ def run_with_lagging_reads(monkeypatch, tmp_path, guard_for, v_updates_per_env_s
         real_fill_window(buffer, window)
         pending.stamps_at_fill = stamps["columns"].clone()
 
-    def sample_rows(buffer, batch_size, window):  # the rows drawn, with their stamps when the window was filled
-        env_index, start, age = real_sample_rows(buffer, batch_size, window)
+    def sample_rows(buffer, draws, window):  # the rows drawn, with their stamps when the window was filled
+        env_index, start, age = real_sample_rows(buffer, draws, window)
         pending.chosen = (env_index, start, pending.stamps_at_fill[env_index, start])
         return env_index, start, age
 
