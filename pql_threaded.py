@@ -1300,6 +1300,12 @@ def train(args, env, eval_env, devices):
                             exit_code = 1
                             break
                         last_save_time = time.time()
+            if not out_of_budget and exit_code == 0 and coordinator.error is None:
+                # The loop ended while the actor waited for the learners (the time ran out, or Ctrl-C
+                # or SIGTERM came): the iterations since the last log are logged all the same.
+                mean_return, last_log, last_sums = log_progress(
+                    writer, coordinator, [actor_stats, v_stats, p_stats], last_log, last_sums, global_step,
+                    time.time() - start_time, mean_return, progress, args)
     except BaseException as main_error:  # noqa: B036 -- stop the learners, save, then re-raise
         error = main_error
     if STOP_SIGNAL is not None and exit_code != 1:  # after a non-finite value, exit 1 all the same

@@ -203,6 +203,30 @@ def test_a_learner_that_never_stops_is_named_and_the_process_exits_nonzero(tmp_p
     assert time.time() - started < 60
 
 
+def test_a_run_that_ends_while_the_actor_waits_still_logs_its_last_iterations(tmp_path, monkeypatch):
+    """With a slow V-learner the actor spends the run waiting for it, and --max-time runs out there,
+    not after an env step: the iterations since the last log must be logged all the same, at the
+    step the checkpoint holds."""
+    monkeypatch.chdir(tmp_path)
+    real_update_critic = pql_threaded.update_critic
+
+    def slow_update_critic(*args, **kwargs):
+        time.sleep(0.05)
+        return real_update_critic(*args, **kwargs)
+
+    monkeypatch.setattr(pql_threaded, "update_critic", slow_update_critic)
+    args = pql_threaded.Args(task="Pendulum", num_envs=8, hidden_dims=(16,), batch_size=32, buffer_size=4000, warmup_iterations=2,
+                             total_timesteps=10**8, max_time=3.0, log_interval=10**6, exp_name="waiting")
+    cpu = torch.device("cpu")
+    env = pql_threaded.envs.make_env("Pendulum", 8, device=cpu, seed=0)
+    assert pql_threaded.train(args, env, None, (cpu, cpu, cpu)) == 0
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*waiting*"))
+    global_step = torch.load(os.path.join(run_dir, "model.pt"), weights_only=False)["global_step"]
+    scalars = read_scalars(run_dir)
+    assert global_step > 2 * 8 and [step for step, _ in scalars.get("charts/SPS", [])] == [global_step]
+    assert scalars["losses/critic_loss"][0][1] > 0
+
+
 def test_no_copy_toward_the_cpu_is_left_running_behind(tmp_path, monkeypatch):
     """A non-blocking copy from a GPU into CPU memory returns before the data has landed, so every
     copy whose destination is on the CPU must block. A whole run on the CPU checks every call."""
