@@ -386,7 +386,8 @@ def plot(results, tasks, methods, footer_text, out):
         ax_steps.set_xscale("log")
         ax_steps.legend(fontsize=6, loc="upper left")
         ax_time.legend(fontsize=7, loc="upper left")
-        fig.suptitle(f"{task}: {', '.join(shown)}, the same training seconds per run (line and band: mean and min-max over seeds)")
+        # Two lines: on one, the title ran past both edges of the 11-inch figure.
+        fig.suptitle(f"{task}: {', '.join(shown)}, the same training seconds per run\n(line and band: mean and min-max over seeds)")
         fig.text(0.01, 0.01, footer_text, fontsize=7, color="gray")
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         path = os.path.join(out, f"mujoco_{task.split(':')[-1].split('-')[0]}.png")
