@@ -118,7 +118,7 @@ class Args:
 
     # --- speed: the same updates, fewer launches ---
     cuda_graphs: bool = True
-    """record one V-update and one P-update (sampling included) as CUDA graphs and replay them: one launch per update instead of hundreds; on where it applies (the learners on one CUDA device), elsewhere the updates run eagerly; --no-cuda-graphs: eagerly on CUDA too"""
+    """record one V-update and one P-update (sampling included) as CUDA graphs and replay them: one graph launch per update (after its eager random draws) instead of hundreds of kernels; on where it applies (the learners on one CUDA device), elsewhere the updates run eagerly; --no-cuda-graphs: eagerly on CUDA too"""
     compile: bool = False
     """torch.compile the V- and P-update (sampling included); the first iterations wait for the compiler, about a minute"""
     tf32: bool = False
@@ -945,8 +945,8 @@ def train(args, env, eval_env, device):
     p_step = functools.partial(p_step, replay_buffer, replay_buffer.window, p_draws, actor, actor_optimizer, policy_critic, obs_normalizer,
                                stats, args)
     if args.cuda_graphs:
-        # Recorded before any data is in: the eager calls sample row 0 of each env (zeros, not
-        # valid), then everything they changed is put back.
+        # Recorded before any data is in: the eager calls sample the newest row of env 0 (the
+        # draws are still zeros; the row is zeros, not valid), then everything they changed is put back.
         replay_buffer.window.fill_(1)
         v_step = capture_cuda_graph(v_step, [*critic.parameters(), *critic_target.parameters(), *stats.values()], critic_optimizer, device)
         p_step = capture_cuda_graph(p_step, [*actor.parameters(), *stats.values()], actor_optimizer, device)

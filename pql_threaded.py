@@ -121,7 +121,7 @@ class Args:
 
     # --- speed: the same updates, fewer launches ---
     cuda_graphs: bool = True
-    """record one V-update and one P-update (sampling included) as CUDA graphs and replay them: one launch per update instead of hundreds; on where it applies (the learners on one CUDA device), elsewhere the updates run eagerly; --no-cuda-graphs: eagerly on CUDA too"""
+    """record one V-update and one P-update (sampling included) as CUDA graphs and replay them: one graph launch per update (after its eager random draws) instead of hundreds of kernels; on where it applies (the learners on one CUDA device), elsewhere the updates run eagerly; --no-cuda-graphs: eagerly on CUDA too"""
     compile: bool = False
     """torch.compile the V- and P-update (sampling included); the first iterations wait for the compiler, about a minute"""
     tf32: bool = False
@@ -1207,7 +1207,7 @@ def train(args, env, eval_env, devices):
     # graphs, or both (then the recording's warm-up calls compile, and the graph replays the
     # compiled kernels), if asked. Each graph is recorded here, before the threads start (a capture
     # forbids other threads' CUDA work), in a memory pool of its own; a learner then replays it on
-    # its own stream: one launch per update, and the GIL is free in between. The graphs draw no
+    # its own stream: one graph launch per update, and the GIL is free in between. The graphs draw no
     # random numbers, so the two learners' replays can run at the same time.
     v_window, p_window = replay_buffer.new_window(), replay_buffer.new_window()
     v_draws = RandomDraws(args.batch_size, args.num_envs, env.act_dim, v_device)
@@ -1217,8 +1217,8 @@ def train(args, env, eval_env, devices):
                                v_stats, args)
     p_step = functools.partial(p_step, replay_buffer, p_window, p_draws, actor, actor_optimizer, policy_critic, p_normalizer, p_stats, args)
     if args.cuda_graphs:
-        # Recorded before any data is in: the eager calls sample row 0 of each env (zeros, not
-        # valid), then everything they changed is put back.
+        # Recorded before any data is in: the eager calls sample the newest row of env 0 (the
+        # draws are still zeros; the row is zeros, not valid), then everything they changed is put back.
         v_window.fill_(1)
         p_window.fill_(1)
         v_step = capture_cuda_graph(v_step, [*critic.parameters(), *critic_target.parameters(), *v_stats.values()], critic_optimizer, v_device)

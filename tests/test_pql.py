@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -433,6 +434,37 @@ def test_learner_steps_make_no_host_sync_and_draw_no_random_numbers(script, dist
         x.sum().item()
         x[x > 0]
     assert watch.syncs == ["_local_scalar_dense.default", "index.Tensor"]
+
+
+@pytest.mark.parametrize("script", ["pql", "pql_threaded"])
+def test_every_learner_step_samples_with_freshly_drawn_numbers(script, monkeypatch, tmp_path):
+    """The steps draw nothing themselves, so the training loop must refill each learner's
+    RandomDraws before every step: without that, every update would sample the same rows (env 0's
+    newest, with zero target noise). A whole run is watched: each learner has draws of its own, used
+    from one thread (one stream), and no two consecutive samples of a learner see the same numbers."""
+    module = importlib.import_module(script)
+    monkeypatch.chdir(tmp_path)
+    samples = {}  # id of the draws -> [(thread, the numbers they held when sampled)]
+    real_sample_rows = module.ReplayBuffer.sample_rows
+
+    def sample_rows(buffer, draws, window):
+        samples.setdefault(id(draws), []).append((threading.get_ident(), draws.large_integer.clone()))
+        return real_sample_rows(buffer, draws, window)
+
+    monkeypatch.setattr(module.ReplayBuffer, "sample_rows", sample_rows)
+    args = module.Args(task="Pendulum", num_envs=8, hidden_dims=(16,), batch_size=32, buffer_size=4000, warmup_iterations=2,
+                       total_timesteps=8 * 12, log_interval=50, eval_envs=0)
+    cpu = torch.device("cpu")
+    env = module.envs.make_env("Pendulum", 8, device=cpu, seed=0)
+    assert module.train(args, env, None, cpu if script == "pql" else (cpu, cpu, cpu)) == 0
+    assert len(samples) == 2  # the V-learner's draws and the P-learner's
+    v_samples, p_samples = sorted(samples.values(), key=len, reverse=True)
+    assert len(v_samples) >= 40 and len(p_samples) >= 20
+    if script == "pql":
+        assert (len(v_samples), len(p_samples)) == (10 * 8, 10 * 4)  # 10 learning iterations of 8 V- and 4 P-updates
+    for learner_samples in (v_samples, p_samples):
+        assert len({thread for thread, _ in learner_samples}) == 1
+        assert all(not torch.equal(a, b) for (_, a), (_, b) in zip(learner_samples, learner_samples[1:]))
 
 
 def test_compile_flag_compiles_both_learner_steps_and_keeps_their_results(monkeypatch, tmp_path):
