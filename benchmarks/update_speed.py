@@ -3,7 +3,9 @@
 For each size (the README's CPU quick start, and the scripts' defaults) this builds pql.py's
 networks for Pendulum, fills a replay buffer with random transitions, and times the learners' share
 of one iteration of pql.py (8 V-updates and 4 P-updates, each with its sampling) for each code
-path, side by side in one process, in turns, so that a slow patch of the machine hits all paths:
+path, side by side in one process, one iteration of each path in turn, so that a slow patch of the
+machine hits all paths alike. The figures are the median iteration (this machine's speed drifts and
+stalls; the mean is printed beside it):
 
     before    pql.py as it was before the fast path (commit BEFORE_FAST_PATH, read with `git show`):
               two separate Q networks, AdamW's default loop over tensors, a loop for the target update,
@@ -31,6 +33,7 @@ import copy
 import functools
 import importlib.util
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,7 +69,7 @@ class Args:
     device: str = "cpu"
     """device of the networks and the buffer"""
     seconds: float = 10.0
-    """seconds of timed iterations per path and size (after warm-up), split into 5 turns"""
+    """seconds of timed iterations per path and size (after warm-up), one iteration of each path in turn"""
     seed: int = 0
     """seed of the networks and the random transitions"""
     profile: bool = False
@@ -224,9 +227,9 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = False
         throughput += f", {peak['tf32'] / 1e9:.1f} GFLOP/s (float32 through TF32; the limit of the +tf32 paths)"
     print(f"update_speed.py on {machine_name(device)}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; {throughput}\n")
-    print("| size | path | V-updates/s | P-updates/s | iteration (8 V + 4 P) ms | arithmetic limit, iteration ms | x limit |"
-          " speed-up over before |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| size | path | V-updates/s | P-updates/s | iteration (8 V + 4 P) ms, median | mean | arithmetic limit, iteration ms |"
+          " x limit | speed-up over before |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         hidden_dims, batch_size = SIZES[size]
         v_flops, p_flops = update_flops(hidden_dims, batch_size)
@@ -244,22 +247,21 @@ def main():
                 paths[path] = learners
             except (RuntimeError, ValueError, subprocess.CalledProcessError) as error:  # no git history; graphs on a CPU
                 print(f"# {size}: path {path} unavailable here: {str(error).splitlines()[0]}")
-        elapsed = {path: 0.0 for path in paths}
-        iterations = {path: 0 for path in paths}
-        for _ in range(5):  # in turns, so that a slow patch of the machine hits every path
-            for path, learners in paths.items():
+        times = {path: [] for path in paths}  # seconds of each timed iteration
+        end = time.perf_counter() + args.seconds * len(paths)
+        while time.perf_counter() < end or not all(times.values()):
+            for path, learners in paths.items():  # one iteration each, in turn: a slow patch of the machine hits every path
                 start = time.perf_counter()
-                while time.perf_counter() - start < args.seconds / 5 or iterations[path] == 0:
-                    learners.iteration()
-                    synchronize(device)
-                    iterations[path] += 1
-                elapsed[path] += time.perf_counter() - start
+                learners.iteration()
+                synchronize(device)
+                times[path].append(time.perf_counter() - start)
+        median = {path: statistics.median(seconds) for path, seconds in times.items()}
         for path in paths:
-            iteration_s = elapsed[path] / iterations[path]
-            speed_up = f"{elapsed['before'] / iterations['before'] / iteration_s:.2f}x" if "before" in paths else "-"
+            iteration_s = median[path]
+            speed_up = f"{median['before'] / iteration_s:.2f}x" if "before" in paths else "-"
             limit = limits[path.partition("+")[2]]
             print(f"| {size} | {path} | {rate(V_UPDATES / iteration_s)} | {rate(P_UPDATES / iteration_s)} | {1000 * iteration_s:.1f} |"
-                  f" {1000 * limit:.2f} | {iteration_s / limit:.0f} | {speed_up} |")
+                  f" {1000 * statistics.mean(times[path]):.1f} | {1000 * limit:.2f} | {iteration_s / limit:.0f} | {speed_up} |")
         if args.profile:
             for path, learners in paths.items():
                 with torch.profiler.profile() as profiler:
