@@ -631,7 +631,12 @@ class TwinMLP(nn.Module):
         """x: (batch, in_dim), the input of both networks. Returns (2, batch, out_dim)."""
         x = x.expand(2, *x.shape)
         for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(bias, x, weight)
+            if weight.shape[2] == 1:
+                # One output column (a scalar Q): as a product and a sum over the inputs. The CPU's
+                # batched matrix product is several times slower at one column (docs/results.md).
+                x = (x * weight.transpose(1, 2)).sum(2, keepdim=True) + bias
+            else:
+                x = torch.baddbmm(bias, x, weight)
             if layer < len(self.weights) - 1:
                 x = nn.functional.elu(x, inplace=True)  # in place: nothing needs the product itself again
         return x
