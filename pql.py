@@ -123,6 +123,8 @@ class Args:
     """torch.compile the V- and P-update (sampling included); the first iterations wait for the compiler, about a minute"""
     tf32: bool = False
     """float32 matrix products on the GPU's TF32 tensor cores (10-bit mantissas; torch.backends.cuda.matmul.allow_tf32): faster, less precise; CUDA only"""
+    bf16: bool = False
+    """the learners' forward passes in bfloat16 (torch.autocast; 8-bit mantissas): hidden layers multiplied on a GPU's bfloat16 tensor cores and their activations at half the memory traffic, while weights, gradients, the optimizer, Q values and losses stay float32; not faster on a CPU"""
 
     # --- logging, checkpoints, evaluation ---
     log_interval: int = 10
@@ -626,7 +628,7 @@ class TwinMLP(nn.Module):
                 x = torch.baddbmm(bias, x, weight)
             if layer < len(self.weights) - 1:
                 x = nn.functional.elu(x, inplace=True)  # in place: nothing needs the product itself again
-        return x
+        return x.float()  # float32 Q values and logits under --bf16 too: the losses are computed from them
 
 
 class Critic(nn.Module):
@@ -738,11 +740,18 @@ def evaluation_step(eval_env, eval_obs, policy, obs_normalizer, stats):
 # ---------------------------------------------------------------------------------------------
 # The V-learner: one critic update
 # ---------------------------------------------------------------------------------------------
+def bf16_autocast(args, device):
+    """With --bf16, the networks' matrix products (and so their hidden layers) in bfloat16 inside
+    this block, as FastTD3 trains; otherwise nothing changes. Autocast's cache of cast weights stays
+    off: a CUDA graph cannot record it, and each update casts the weights it has just changed."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16, cache_enabled=False)
+
+
 def update_critic(critic, critic_target, critic_optimizer, target_policy, obs_normalizer, batch, target_noise, args):
     """One critic update on `batch` (ReplayBuffer.gather); target_noise: N(0, 1), shaped like the actions."""
     obs, actions, n_step_reward, bootstrap_obs, discount, valid = batch
     obs, bootstrap_obs = obs_normalizer.normalize(obs), obs_normalizer.normalize(bootstrap_obs)
-    with torch.no_grad():
+    with torch.no_grad(), bf16_autocast(args, obs.device):
         # Target policy smoothing (TD3); PQL has no target actor: the latest policy copy acts.
         next_actions = target_policy(bootstrap_obs)
         noise = (target_noise * args.target_policy_noise).clamp(-args.target_noise_clip, args.target_noise_clip)
@@ -763,13 +772,16 @@ def update_critic(critic, critic_target, critic_optimizer, target_policy, obs_no
             target_q1, target_q2 = critic_target(bootstrap_obs, next_actions)
             target = n_step_reward + discount * torch.min(target_q1, target_q2)
             outside_support = torch.zeros((), device=obs.device)
+    with bf16_autocast(args, obs.device):
+        if critic.distributional:
+            logits1, logits2 = critic.logits(obs, actions)
+        else:
+            q1, q2 = critic(obs, actions)
     if critic.distributional:
-        logits1, logits2 = critic.logits(obs, actions)
         log_probs = torch.log_softmax(logits1, dim=1) + torch.log_softmax(logits2, dim=1)
         errors = -(target_probs * log_probs).sum(1)
         q1 = critic.mean_value(logits1)
     else:
-        q1, q2 = critic(obs, actions)
         errors = (q1 - target) ** 2 + (q2 - target) ** 2
     # `valid` masks the rare rows that are not real transitions (see envs.py, Isaac Gym adapter).
     critic_loss = (valid * errors).sum() / valid.sum().clamp(min=1.0)
@@ -787,8 +799,9 @@ def update_critic(critic, critic_target, critic_optimizer, target_policy, obs_no
 # ---------------------------------------------------------------------------------------------
 def update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs, args):
     obs = obs_normalizer.normalize(obs)
-    pre_tanh = actor.net(obs)
-    q1, q2 = policy_critic(obs, torch.tanh(pre_tanh))  # policy_critic is a frozen copy: no critic gradients
+    with bf16_autocast(args, obs.device):
+        pre_tanh = actor.net(obs).float()  # float32 under --bf16 too, for the bound below
+        q1, q2 = policy_critic(obs, torch.tanh(pre_tanh))  # policy_critic is a frozen copy: no critic gradients
     actor_loss = -torch.min(q1, q2).mean()
     if args.pre_tanh_bound != float("inf"):
         # Past |pre_tanh| ~ 3 the tanh is flat (slope < 0.01; 3e-6 at 7), so the critic's gradient
@@ -1056,6 +1069,9 @@ def main():
         device = resolve_device(args.device)
         if args.tf32 and device.type != "cuda":
             raise ValueError(f"--tf32 uses the GPU's tensor cores: it needs --device cuda (the device is {device})")
+        if args.bf16 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+            raise ValueError(f"--bf16 needs bfloat16 tensor cores (a GPU of compute capability 8.0, Ampere, or newer); {device} has"
+                             f" {torch.cuda.get_device_capability(device)}")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         if args.eval_checkpoint is not None:
             if not os.path.isfile(args.eval_checkpoint):

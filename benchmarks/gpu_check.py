@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py                        # on the GPU: 6 runs of 300 iterations at 4096 envs, about 3 minutes
     python benchmarks/gpu_check.py --device cpu --tiny    # the same checks at toy sizes, well under a minute on 2 cores
     python benchmarks/gpu_check.py --critics scalar --flags="--compile --tf32"   # a speed-up, end to end
+    python benchmarks/gpu_check.py --flags="--bf16"       # the networks in bfloat16 (FastTD3's way), end to end
 
 It prints a header (GPU, torch and CUDA versions, date, command line), then Markdown tables, and
 exits 1 if any check failed (listing which), 0 if all passed, 2 on a bad flag (before any work).
@@ -43,8 +44,8 @@ exits 1 if any check failed (listing which), 0 if all passed, 2 on a bad flag (b
    (scalar critic), the same checks as 1, so the table shows what the graphs gain; and pql.py's
    learner steps at the default sizes, 16 V-updates and 8 P-updates
    replayed from CUDA graphs against the same updates run eagerly from the same weights and seed
-   (benchmarks/update_speed.py builds both): the summed losses must agree to 1e-3 (relative) and
-   every weight to 1e-4. With --device cpu it says they were skipped.
+   (benchmarks/update_speed.py builds both; under --bf16 or --tf32 when --flags holds it): the summed
+   losses must agree to 1e-3 (relative) and every weight to 1e-4. With --device cpu it says they were skipped.
 4. Multi-GPU placement, when there are at least 2 CUDA devices: pql_threaded.py (scalar critic)
    with --actor-device cuda:0 --v-learner-device cuda:1 (P-learner on --device), and with
    --v-learner-device cuda:1 alone; the same checks as 1. Otherwise it says it was skipped and why.
@@ -430,9 +431,10 @@ def eager_runs(device, flags=()):
     return [Run(script, flags=("--no-cuda-graphs", *flags)) for script in SCRIPTS], None
 
 
-def graphs_against_eager(device, hidden_dims=(512, 256, 128), batch_size=8192, updates=16):
+def graphs_against_eager(device, flags=(), hidden_dims=(512, 256, 128), batch_size=8192, updates=16):
     """pql.py's learner steps replayed from CUDA graphs against the same steps run eagerly: two
-    learners built alike (benchmarks/update_speed.py), the same seed before each path's updates.
+    learners built alike (benchmarks/update_speed.py), the same seed before each path's updates,
+    both under --bf16 or --tf32 when `flags` (the training runs' flags) hold it.
     Returns (largest relative difference of the summed losses, largest difference of any weight).
     Both paths draw each step's random numbers eagerly before it (RandomDraws) from the same
     generator state, so the batches and the target noise should be the same; if they were not, the
@@ -441,9 +443,10 @@ def graphs_against_eager(device, hidden_dims=(512, 256, 128), batch_size=8192, u
     sys.path.insert(0, HERE)
     from update_speed import Learners
     torch_device = torch.device(device)
+    precision = "+bf16" if "--bf16" in flags else "+tf32" if "--tf32" in flags else ""
     paths = {}
     for path in ["eager", "graphs"]:
-        learners = Learners(path, hidden_dims, batch_size, torch_device, seed=0)
+        learners = Learners(path + precision, hidden_dims, batch_size, torch_device, seed=0)
         torch.manual_seed(1234)
         for _ in range(updates // 8):
             learners.iteration()
@@ -502,7 +505,7 @@ def main():
     graph_failures = []
     if eager_check_runs is not None:
         try:
-            loss_difference, weight_difference = graphs_against_eager(args.device)
+            loss_difference, weight_difference = graphs_against_eager(args.device, flags)
         except Exception as error:  # a failed capture is a failed check, not a lost report
             loss_difference = weight_difference = float("nan")
             graph_failures.append(f"CUDA graphs against eager updates: {type(error).__name__}: {str(error).splitlines()[0]}")

@@ -17,7 +17,9 @@ stalls; the mean is printed beside it):
     compile-graphs  compiled, then recorded as CUDA graphs, as --compile --cuda-graphs run them (CUDA only)
 
 A path named with "+tf32" (e.g. graphs+tf32) runs with TF32 matrix products, as --tf32 does
-(CUDA only): float32 numbers, multiplied on the tensor cores with 10-bit mantissas.
+(CUDA only): float32 numbers, multiplied on the tensor cores with 10-bit mantissas. One named with
+"+bf16" (e.g. compile-graphs+bf16) runs the networks' forward passes under bfloat16 autocast, as
+--bf16 does (not for before); its limit is a large bfloat16 matmul's throughput.
 
 Beside each figure: the arithmetic limit, the FLOPs of the updates' matrix products (counted layer
 by layer) over the matmul throughput of this machine (a large float32 matmul, measured here), so
@@ -26,6 +28,7 @@ the gap between what the updates do and what they could do shows.
     python benchmarks/update_speed.py                       # quick start and default sizes, CPU
     python benchmarks/update_speed.py --device cuda --paths before eager graphs
     python benchmarks/update_speed.py --device cuda --sizes default --paths eager graphs compile-graphs graphs+tf32 compile-graphs+tf32
+    python benchmarks/update_speed.py --device cuda --sizes default --paths graphs graphs+bf16 compile-graphs+tf32 compile-graphs+bf16
     python benchmarks/update_speed.py --paths before eager compile
     python benchmarks/update_speed.py --sizes quick-start --paths eager --profile   # where the time goes
 """
@@ -65,7 +68,7 @@ class Args:
     sizes: Tuple[str, ...] = ("quick-start", "default")
     """network and batch sizes to time: quick-start (64-64, batch 1024) and default (512-256-128, batch 8192)"""
     paths: Tuple[str, ...] = ("before", "eager")
-    """code paths to time: before, eager, compile, graphs (CUDA only), compile-graphs (CUDA only); +tf32 after one: with TF32 matmuls (CUDA only)"""
+    """code paths to time: before, eager, compile, graphs (CUDA only), compile-graphs (CUDA only); +tf32 after one: with TF32 matmuls (CUDA only); +bf16: under bfloat16 autocast (--bf16)"""
     device: str = "cpu"
     """device of the networks and the buffer"""
     seconds: float = 10.0
@@ -81,9 +84,9 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def matmul_flops_per_second(device, size=2048, seconds=2.0):
-    """Throughput of a large float32 matmul: the most this machine's arithmetic gives."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+def matmul_flops_per_second(device, size=2048, seconds=2.0, dtype=torch.float32):
+    """Throughput of a large matmul (float32 by default): the most this machine's arithmetic gives."""
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     synchronize(device)
@@ -134,13 +137,15 @@ class Learners:
 
     def __init__(self, path, hidden_dims, batch_size, device, seed):
         path, _, precision = path.partition("+")
-        if precision and device.type != "cuda":
+        if precision == "tf32" and device.type != "cuda":
             raise ValueError(f"+{precision} needs --device cuda")
+        if precision == "bf16" and path == "before":
+            raise ValueError("+bf16 is not for before: the code before had no --bf16")
         self.tf32 = precision == "tf32"
         torch.backends.cuda.matmul.allow_tf32 = self.tf32  # as it will be for this path's calls (and captures)
         module = load_pql_before() if path == "before" else pql
         torch.manual_seed(seed)
-        args = self.args = module.Args(hidden_dims=hidden_dims, batch_size=batch_size)
+        args = self.args = module.Args(hidden_dims=hidden_dims, batch_size=batch_size, **({"bf16": True} if precision == "bf16" else {}))
         self.buffer = module.ReplayBuffer(64, 1000, OBS_DIM, ACT_DIM, device)
         for _ in range(1000):
             self.buffer.add(torch.randn(64, OBS_DIM, device=device), torch.rand(64, ACT_DIM, device=device) * 2 - 1,
@@ -213,9 +218,9 @@ def rate(per_second):
 
 def main():
     args = tyro.cli(Args)
-    unknown = [p for p in args.paths if p.partition("+")[0] not in PATHS or p.partition("+")[2] not in ("", "tf32")]
+    unknown = [p for p in args.paths if p.partition("+")[0] not in PATHS or p.partition("+")[2] not in ("", "tf32", "bf16")]
     if unknown or not args.paths or any(s not in SIZES for s in args.sizes) or not args.sizes or args.seconds <= 0:
-        print(f"error: --paths must be among {', '.join(PATHS)}, each optionally with +tf32 (got {list(args.paths)}), --sizes among"
+        print(f"error: --paths must be among {', '.join(PATHS)}, each optionally with +tf32 or +bf16 (got {list(args.paths)}), --sizes among"
               f" {', '.join(SIZES)} (got {list(args.sizes)}), --seconds > 0", file=sys.stderr)
         return 2
     device = pql.resolve_device(args.device)
@@ -226,6 +231,9 @@ def main():
         peak["tf32"] = matmul_flops_per_second(device)
         torch.backends.cuda.matmul.allow_tf32 = False
         throughput += f", {peak['tf32'] / 1e9:.1f} GFLOP/s (float32 through TF32; the limit of the +tf32 paths)"
+    if any(path.endswith("+bf16") for path in args.paths):
+        peak["bf16"] = matmul_flops_per_second(device, dtype=torch.bfloat16)
+        throughput += f", {peak['bf16'] / 1e9:.1f} GFLOP/s (bfloat16; the limit of the +bf16 paths)"
     print(f"update_speed.py on {machine_name(device)}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; {throughput}\n")
     print("| size | path | V-updates/s | P-updates/s | iteration (8 V + 4 P) ms, median | mean | arithmetic limit, iteration ms |"
           " x limit | speed-up over before |")

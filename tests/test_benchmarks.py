@@ -300,10 +300,12 @@ def test_update_speed_counts_flops_and_times_each_path():
     assert mlp_flops(3, (64, 64), 1, batch=10) == 2 * 10 * (3 * 64 + 64 * 64 + 64)
     actor, q_head = mlp_flops(3, (64, 64), 1, 1024), mlp_flops(4, (64, 64), 1, 1024)
     assert update_flops((64, 64), 1024) == (actor + 8 * q_head, 3 * actor + 4 * q_head)
-    out = run_script("update_speed.py", "--sizes", "quick-start", "--paths", "before", "eager", "graphs", "compile-graphs",
-                     "eager+tf32", "--seconds", "0.5")
+    out = run_script("update_speed.py", "--sizes", "quick-start", "--paths", "before", "eager", "eager+bf16", "graphs", "compile-graphs",
+                     "eager+tf32", "before+bf16", "--seconds", "0.5")
     rows = table_rows(out, "quick-start")
-    assert [row.split(" | ")[1] for row in rows] == ["before", "eager"], out  # before: pql.py from git history
+    assert [row.split(" | ")[1] for row in rows] == ["before", "eager", "eager+bf16"], out  # before: pql.py from git history
+    assert "path before+bf16 unavailable here: +bf16 is not for before" in out
+    assert "GFLOP/s (bfloat16; the limit of the +bf16 paths)" in out
     assert "path graphs unavailable here: CUDA graphs need --device cuda" in out
     assert "path compile-graphs unavailable here: CUDA graphs need --device cuda" in out
     assert "path eager+tf32 unavailable here: +tf32 needs --device cuda" in out

@@ -365,9 +365,45 @@ HOST_SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select"
                  "unique_consecutive", "unique_dim", "repeat_interleave"}
 
 
+class Learners:
+    """Both learners of `module` (pql or pql_threaded) as its training loop builds them, on a small
+    replay buffer of random transitions on the CPU: v_step() and p_step() run one update each."""
+
+    def __init__(self, module, args, obs_dim=3, act_dim=1, num_envs=8):
+        device = torch.device("cpu")
+        self.replay_buffer = module.ReplayBuffer(num_envs, 50, obs_dim, act_dim, device)
+        for _ in range(30):
+            self.replay_buffer.add(torch.randn(num_envs, obs_dim), torch.rand(num_envs, act_dim) * 2 - 1, -torch.rand(num_envs),
+                                   torch.randn(num_envs, obs_dim), torch.rand(num_envs) < 0.1, torch.rand(num_envs) < 0.1,
+                                   torch.ones(num_envs, dtype=torch.bool))
+        self.window = self.replay_buffer.new_window()
+        self.replay_buffer.fill_window(self.window)
+        self.obs_normalizer = module.ObsNormalizer(obs_dim, 5.0, device)
+        self.obs_normalizer.update(torch.randn(100, obs_dim))
+        self.actor, self.critic = module.Actor(obs_dim, act_dim, args.hidden_dims), module.make_critic(obs_dim, act_dim, args)
+        self.critic_target, self.target_policy, self.policy_critic = (
+            copy.deepcopy(net).requires_grad_(False) for net in (self.critic, self.actor, self.critic))
+        self.actor_optimizer = module.make_optimizer(self.actor.parameters(), args.actor_lr, capturable=True)  # as --cuda-graphs makes them
+        self.critic_optimizer = module.make_optimizer(self.critic.parameters(), args.critic_lr, capturable=True)
+        self.stats = {name: torch.zeros(()) for name in
+                      ["critic_loss", "q_mean", "outside_support", "critic_nonfinite", "actor_loss", "actor_nonfinite"]}
+        self.v_draws = module.RandomDraws(args.batch_size, num_envs, act_dim, device)
+        self.p_draws = module.RandomDraws(args.batch_size, num_envs, 0, device)
+        self.module, self.args = module, args
+
+    def v_step(self):
+        self.module.v_learner_step(self.replay_buffer, self.window, self.v_draws, self.critic, self.critic_target, self.critic_optimizer,
+                                   self.target_policy, self.obs_normalizer, self.stats, self.args)
+
+    def p_step(self):
+        self.module.p_learner_step(self.replay_buffer, self.window, self.p_draws, self.actor, self.actor_optimizer, self.policy_critic,
+                                   self.obs_normalizer, self.stats, self.args)
+
+
 @pytest.mark.parametrize("script", ["pql", "pql_threaded"])
 @pytest.mark.parametrize("distributional", [False, True])
-def test_learner_steps_make_no_host_sync_and_draw_no_random_numbers(script, distributional):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_learner_steps_make_no_host_sync_and_draw_no_random_numbers(script, distributional, bf16):
     """A step that --cuda-graphs records must not wait for the device: no .item(), no Python branch
     on a device value, no boolean-mask indexing (its output size is data-dependent). On a GPU these
     break the capture, or freeze one value into the graph; on the H200 (2026-11-26) only the scalar
@@ -394,36 +430,18 @@ def test_learner_steps_make_no_host_sync_and_draw_no_random_numbers(script, dist
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
-    args = module.Args(hidden_dims=(32, 32), batch_size=64, nstep=3, distributional=distributional)
-    obs_dim, act_dim, num_envs, device = 3, 1, 8, torch.device("cpu")
-    replay_buffer = module.ReplayBuffer(num_envs, 50, obs_dim, act_dim, device)
-    for _ in range(30):
-        replay_buffer.add(torch.randn(num_envs, obs_dim), torch.rand(num_envs, act_dim) * 2 - 1, -torch.rand(num_envs),
-                          torch.randn(num_envs, obs_dim), torch.rand(num_envs) < 0.1, torch.rand(num_envs) < 0.1,
-                          torch.ones(num_envs, dtype=torch.bool))
-    window = replay_buffer.window if script == "pql" else replay_buffer.new_window()
-    if script == "pql_threaded":
-        replay_buffer.fill_window(window)
-    obs_normalizer = module.ObsNormalizer(obs_dim, 5.0, device)
-    obs_normalizer.update(torch.randn(100, obs_dim))
-    actor, critic = module.Actor(obs_dim, act_dim, args.hidden_dims), module.make_critic(obs_dim, act_dim, args)
-    critic_target, target_policy, policy_critic = (copy.deepcopy(net).requires_grad_(False) for net in (critic, actor, critic))
-    actor_optimizer = module.make_optimizer(actor.parameters(), args.actor_lr, capturable=True)  # as --cuda-graphs makes them
-    critic_optimizer = module.make_optimizer(critic.parameters(), args.critic_lr, capturable=True)
-    stats = {name: torch.zeros(()) for name in ["critic_loss", "q_mean", "outside_support", "critic_nonfinite", "actor_loss", "actor_nonfinite"]}
-    v_draws, p_draws = module.RandomDraws(args.batch_size, num_envs, act_dim, device), module.RandomDraws(args.batch_size, num_envs, 0, device)
-    start_weight = next(critic.parameters()).detach().clone()
+    learners = Learners(module, module.Args(hidden_dims=(32, 32), batch_size=64, nstep=3, distributional=distributional, bf16=bf16))
+    start_weight = next(learners.critic.parameters()).detach().clone()
     with WatchForHostSyncs() as watch:
         for _ in range(3):
-            v_draws.draw()
-            p_draws.draw()
+            learners.v_draws.draw()
+            learners.p_draws.draw()
             random_state = torch.get_rng_state()
-            module.v_learner_step(replay_buffer, window, v_draws, critic, critic_target, critic_optimizer, target_policy, obs_normalizer,
-                                  stats, args)
-            module.p_learner_step(replay_buffer, window, p_draws, actor, actor_optimizer, policy_critic, obs_normalizer, stats, args)
+            learners.v_step()
+            learners.p_step()
             assert torch.equal(torch.get_rng_state(), random_state), "a learner step drew random numbers"
     assert watch.syncs == []
-    assert not torch.equal(next(critic.parameters()), start_weight) and stats["critic_loss"] > 0  # the steps did run
+    assert not torch.equal(next(learners.critic.parameters()), start_weight) and learners.stats["critic_loss"] > 0  # the steps did run
     # The generator check itself: a draw inside a step would change the state.
     random_state = torch.get_rng_state()
     torch.randint(0, 8, (4,))
@@ -434,6 +452,53 @@ def test_learner_steps_make_no_host_sync_and_draw_no_random_numbers(script, dist
         x.sum().item()
         x[x > 0]
     assert watch.syncs == ["_local_scalar_dense.default", "index.Tensor"]
+
+
+@pytest.mark.parametrize("distributional", [False, True])
+def test_bf16_multiplies_in_bfloat16_and_keeps_weights_and_losses_in_float32(distributional):
+    """--bf16 (torch.autocast): every matrix product of both learner steps, forward and backward,
+    runs in bfloat16, while the weights, their gradients, AdamW's moments and the losses stay
+    float32; from the same state and draws, its losses stay within bfloat16's precision of the
+    float32 steps' losses, and differ from them (the arithmetic did change)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in ("mm", "bmm", "addmm", "baddbmm", "matmul", "linear"):
+                self.dtypes.append(out.dtype)
+            return out
+
+    runs = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        learners = Learners(pql, pql.Args(hidden_dims=(32, 32), batch_size=64, distributional=distributional, bf16=bf16))
+        torch.manual_seed(1)  # the same draws for both
+        with MatmulDtypes() as watch:
+            for _ in range(4):
+                learners.v_draws.draw()
+                learners.p_draws.draw()
+                learners.v_step()
+                learners.p_step()
+        learners.v_draws.draw()
+        batch = learners.replay_buffer.sample(learners.v_draws, learners.args.nstep, learners.args.gamma, learners.window)
+        critic_loss, q_mean, _ = pql.update_critic(learners.critic, learners.critic_target, learners.critic_optimizer, learners.target_policy,
+                                                   learners.obs_normalizer, batch, learners.v_draws.target_noise, learners.args)
+        runs[bf16] = learners, watch.dtypes, critic_loss, q_mean
+    (plain, plain_dtypes, *_), (bf16, bf16_dtypes, critic_loss, q_mean) = runs[False], runs[True]
+    assert set(plain_dtypes) == {torch.float32} and set(bf16_dtypes) == {torch.bfloat16}
+    assert len(bf16_dtypes) == len(plain_dtypes) >= 4 * (2 * 3 + 3 + 2 * 3)  # forward and backward, every layer
+    assert critic_loss.dtype == q_mean.dtype == torch.float32
+    for network, optimizer in [(bf16.critic, bf16.critic_optimizer), (bf16.actor, bf16.actor_optimizer)]:
+        for weight in network.parameters():
+            assert weight.dtype == weight.grad.dtype == optimizer.state[weight]["exp_avg"].dtype == torch.float32
+    for name in ["critic_loss", "actor_loss"]:
+        assert bf16.stats[name].item() == pytest.approx(plain.stats[name].item(), rel=0.05), name
+        assert bf16.stats[name].item() != plain.stats[name].item(), name
 
 
 @pytest.mark.parametrize("script", ["pql", "pql_threaded"])
