@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py                        # on the GPU: 6 runs of 300 iterations at 4096 envs, about 3 minutes
     python benchmarks/gpu_check.py --device cpu --tiny    # the same checks at toy sizes, well under a minute on 2 cores
-    python benchmarks/gpu_check.py --critics scalar --flags="--compile --tf32"   # a speed-up, end to end
+    python benchmarks/gpu_check.py --critics scalar --flags="--compile"   # a speed-up, end to end
     python benchmarks/gpu_check.py --flags="--bf16"       # the networks in bfloat16 (FastTD3's way), end to end
 
 It prints a header (GPU, torch and CUDA versions, date, command line), then Markdown tables, and
@@ -44,7 +44,7 @@ exits 1 if any check failed (listing which), 0 if all passed, 2 on a bad flag (b
    (scalar critic), the same checks as 1, so the table shows what the graphs gain; and pql.py's
    learner steps at the default sizes, 16 V-updates and 8 P-updates
    replayed from CUDA graphs against the same updates run eagerly from the same weights and seed
-   (benchmarks/update_speed.py builds both; under --bf16 or --tf32 when --flags holds it): the summed
+   (benchmarks/update_speed.py builds both, with TF32 or --flags' --no-tf32 or --bf16): the summed
    losses must agree to 1e-3 (relative) and every weight to 1e-4. With --device cpu it says they were skipped.
 4. Multi-GPU placement, when there are at least 2 CUDA devices: pql_threaded.py (scalar critic)
    with --actor-device cuda:0 --v-learner-device cuda:1 (P-learner on --device), and with
@@ -110,7 +110,7 @@ class Args:
     critics: Tuple[str, ...] = tuple(CRITICS)
     """critics of the runs of check 1 (scalar, distributional); the --no-cuda-graphs and multi-GPU runs are scalar"""
     flags: str = ""
-    """more flags for every training run, e.g. "--compile --tf32": a speed-up checked end to end"""
+    """more flags for every training run, e.g. "--compile": a speed-up checked end to end"""
     tiny: bool = False
     """toy sizes (16 envs, networks 32-32, batch 64, buffer 16000, 4 warm-up iterations): a smoke test of the check itself"""
 
@@ -434,7 +434,8 @@ def eager_runs(device, flags=()):
 def graphs_against_eager(device, flags=(), hidden_dims=(512, 256, 128), batch_size=8192, updates=16):
     """pql.py's learner steps replayed from CUDA graphs against the same steps run eagerly: two
     learners built alike (benchmarks/update_speed.py), the same seed before each path's updates,
-    both under --bf16 or --tf32 when `flags` (the training runs' flags) hold it.
+    both with the matrix products of the training runs: TF32 (the scripts' default on CUDA) unless
+    `flags` (the training runs' flags) hold --no-tf32, bfloat16 autocast if they hold --bf16.
     Returns (largest relative difference of the summed losses, largest difference of any weight).
     Both paths draw each step's random numbers eagerly before it (RandomDraws) from the same
     generator state, so the batches and the target noise should be the same; if they were not, the
@@ -443,7 +444,7 @@ def graphs_against_eager(device, flags=(), hidden_dims=(512, 256, 128), batch_si
     sys.path.insert(0, HERE)
     from update_speed import Learners
     torch_device = torch.device(device)
-    precision = "+bf16" if "--bf16" in flags else "+tf32" if "--tf32" in flags else ""
+    precision = "+bf16" if "--bf16" in flags else "" if "--no-tf32" in flags else "+tf32"
     paths = {}
     for path in ["eager", "graphs"]:
         learners = Learners(path + precision, hidden_dims, batch_size, torch_device, seed=0)

@@ -17,7 +17,8 @@ stalls; the mean is printed beside it):
     compile-graphs  compiled, then recorded as CUDA graphs, as --compile --cuda-graphs run them (CUDA only)
 
 A path named with "+tf32" (e.g. graphs+tf32) runs with TF32 matrix products, as --tf32 does
-(CUDA only): float32 numbers, multiplied on the tensor cores with 10-bit mantissas. One named with
+(CUDA only; the scripts' default there since 2026-11-27): float32 numbers, multiplied on the tensor
+cores with 10-bit mantissas. Without it the paths multiply in full float32. One named with
 "+bf16" (e.g. compile-graphs+bf16) runs the networks' forward passes under bfloat16 autocast, as
 --bf16 does (not for before); its limit is a large bfloat16 matmul's throughput.
 

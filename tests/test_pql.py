@@ -657,7 +657,6 @@ def test_same_seed_gives_identical_returns_on_cpu(tmp_path):
     (["--eval-checkpoint", "no/such/model.pt"], "--eval-checkpoint"),
     (["--eval-envs", "-1"], "--eval-envs"),
     (["--pre-tanh-bound", "0"], "--pre-tanh-bound"),
-    (["--tf32"], "--tf32 uses the GPU's tensor cores: it needs --device cuda"),  # on the CPU
     (["--task", "isaacgym:Ant", "--eval-envs", "2"], "--eval-envs must be 0 for isaacgym"),
 ])
 def test_bad_flags_fail_before_any_work_naming_the_flag(tmp_path, monkeypatch, capsys, flags, message):
@@ -689,6 +688,22 @@ def test_nonfinite_values_stop_at_their_step_and_keep_the_last_good_checkpoint(t
     assert "non-finite" in err and "env step 112 (iteration 13)" in err
     (checkpoint_path,) = glob.glob("runs/*/model.pt")
     assert torch.load(checkpoint_path, weights_only=False)["global_step"] == 10 * 8  # saved at iteration 10, not 15
+
+
+@pytest.mark.parametrize("script", ["pql", "pql_threaded"])
+@pytest.mark.parametrize("flags, tf32", [([], True), (["--no-tf32"], False)])
+def test_tf32_is_on_by_default_and_off_with_no_tf32(tmp_path, monkeypatch, capsys, script, flags, tf32):
+    """torch's switch for TF32 matrix products on CUDA is set from --tf32, on by default (it does
+    nothing on a CPU, so a CPU run sets it too)."""
+    monkeypatch.chdir(tmp_path)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = not tf32
+    try:
+        returncode, err = main_in_process(importlib.import_module(script), [*SMALL, "--total-timesteps", "64", *flags], monkeypatch, capsys)
+        assert returncode == 0, err
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_gpu_sized_settings_on_a_cpu_get_a_one_line_notice(tmp_path):
