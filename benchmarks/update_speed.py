@@ -10,7 +10,8 @@ stalls; the mean is printed beside it):
     before    pql.py as it was before the fast path (commit BEFORE_FAST_PATH, read with `git show`):
               two separate Q networks, AdamW's default loop over tensors, a loop for the target update,
               two-dimensional indexing into the replay buffer
-    eager     pql.py as it is: both Q heads in one batched matmul per layer, fused (or foreach) AdamW,
+    eager     pql.py as it is: both Q heads in one batched matmul per layer (the scalar Q's last layer
+              as a product and a sum), fused (or foreach) AdamW,
               one multi-tensor op for the target update, flat indexing, sampling on the device
     compile   the same steps under torch.compile, as --compile runs them (compile time printed apart)
     graphs    the same steps recorded as CUDA graphs, as --cuda-graphs runs them (CUDA only)
