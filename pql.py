@@ -601,9 +601,10 @@ class Actor(nn.Module):
 class TwinMLP(nn.Module):
     """Two independent MLPs of the same shape as `mlp` builds them (ELU between layers), run as
     one: each layer holds both networks' weights stacked, (2, in, out), and one batched matrix
-    product applies them (a layer with one output, an elementwise product and a sum). The twin critic then costs the kernel launches of one network, and its
-    optimizer, gradient clipping and target update handle half as many tensors: on a GPU, updates at
-    the sizes PQL uses are bound by launches rather than arithmetic (benchmarks/update_speed.py).
+    product applies them (a layer with one output, an elementwise product and a sum). The twin
+    critic then costs the kernel launches of one network, and its optimizer, gradient clipping and
+    target update handle half as many tensors: on a GPU, updates at the sizes PQL uses are bound by
+    launches rather than arithmetic (benchmarks/update_speed.py).
     Each network is initialised as nn.Linear initialises its layers."""
 
     def __init__(self, in_dim, hidden_dims, out_dim):

@@ -614,9 +614,10 @@ class Actor(nn.Module):
 class TwinMLP(nn.Module):
     """Two independent MLPs of the same shape as `mlp` builds them (ELU between layers), run as
     one: each layer holds both networks' weights stacked, (2, in, out), and one batched matrix
-    product applies them (a layer with one output, an elementwise product and a sum). The twin critic then costs the kernel launches of one network, and its
-    optimizer, gradient clipping and target update handle half as many tensors: on a GPU, updates at
-    the sizes PQL uses are bound by launches rather than arithmetic (benchmarks/update_speed.py).
+    product applies them (a layer with one output, an elementwise product and a sum). The twin
+    critic then costs the kernel launches of one network, and its optimizer, gradient clipping and
+    target update handle half as many tensors: on a GPU, updates at the sizes PQL uses are bound by
+    launches rather than arithmetic (benchmarks/update_speed.py).
     Each network is initialised as nn.Linear initialises its layers."""
 
     def __init__(self, in_dim, hidden_dims, out_dim):
@@ -1421,11 +1422,11 @@ def main():
             if args.sync_interval < 1:
                 raise ValueError(f"--sync-interval must be >= 1, got {args.sync_interval}")
             devices = resolve_role_devices(args, device)
-            torch.backends.cuda.matmul.allow_tf32 = args.tf32
             for role_device in devices:
                 if args.bf16 and role_device.type == "cuda" and torch.cuda.get_device_capability(role_device) < (8, 0):
                     raise ValueError(f"--bf16 needs bfloat16 tensor cores (a GPU of compute capability 8.0, Ampere, or newer);"
                                      f" {role_device} has {torch.cuda.get_device_capability(role_device)}")
+            torch.backends.cuda.matmul.allow_tf32 = args.tf32
             random.seed(args.seed)
             np.random.seed(args.seed)
             torch.manual_seed(args.seed)
