@@ -525,7 +525,7 @@ class ReplayBuffer:
     def sample_obs(self, draws, window):
         """Observations only: the P-learner needs no n-step windows."""
         env_index, start, _ = self.sample_rows(draws, window)
-        return self.obs.flatten(0, 1)[env_index * self.capacity + start]
+        return self.obs.flatten(0, 1).index_select(0, env_index * self.capacity + start)
 
     def sample_rows(self, draws, window):
         """Uniformly random (env, row) pairs among the rows that `window` allows, one per sample of
@@ -546,26 +546,26 @@ class ReplayBuffer:
         """
         offsets = torch.arange(nstep, device=self.device)
         # Row r of env e is row e * capacity + r of each tensor with its first two dimensions
-        # flattened (views, no copy): indexing one dimension is several times faster than indexing
-        # two, on the CPU at least.
+        # flattened (views, no copy), gathered with index_select: on the CPU several times faster
+        # than indexing two dimensions, and than tensor[rows] too (its kernel is the general one).
         rows = env_index[:, None] * self.capacity + (start[:, None] + offsets) % self.capacity  # (batch, nstep)
         first_row = rows[:, 0]
         written = offsets[None, :] <= age[:, None]  # rows newer than the newest do not exist yet
-        ended = self.episode_ended.flatten()[rows]
+        ended = self.episode_ended.flatten().index_select(0, rows.flatten()).view(rows.shape)
         ended_earlier = (torch.cumsum(ended, dim=1) - ended) > 0  # an earlier row of the window ended the episode
         in_window = (written & ~ended_earlier).float()
-        n_step_reward = (self.rewards.flatten()[rows] * gamma ** offsets * in_window).sum(1)
+        n_step_reward = (self.rewards.flatten().index_select(0, rows.flatten()).view(rows.shape) * gamma ** offsets * in_window).sum(1)
         window_length = in_window.sum(1).long()  # k >= 1: the first row is always in the window
         last_row = rows.gather(1, (window_length - 1)[:, None]).squeeze(1)
-        bootstrap_obs = self.next_obs.flatten(0, 1)[last_row]
-        discount = gamma ** window_length.float() * (1.0 - self.terminated.flatten()[last_row])
+        bootstrap_obs = self.next_obs.flatten(0, 1).index_select(0, last_row)
+        discount = gamma ** window_length.float() * (1.0 - self.terminated.flatten().index_select(0, last_row))
         return (
-            self.obs.flatten(0, 1)[first_row],
-            self.actions.flatten(0, 1)[first_row],
+            self.obs.flatten(0, 1).index_select(0, first_row),
+            self.actions.flatten(0, 1).index_select(0, first_row),
             n_step_reward,
             bootstrap_obs,
             discount,
-            self.valid.flatten()[first_row],
+            self.valid.flatten().index_select(0, first_row),
         )
 
 
