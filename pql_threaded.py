@@ -663,18 +663,19 @@ class Critic(nn.Module):
         self.register_buffer("atoms", torch.linspace(v_min, v_max, outputs))
 
     def logits(self, obs, actions):
-        both = self.q_heads(torch.cat([obs, actions], dim=1))
-        return both[0], both[1]
+        """Both heads' outputs, stacked: (2, batch, outputs); head 0 is Q1, head 1 Q2."""
+        return self.q_heads(torch.cat([obs, actions], dim=1))
 
     def forward(self, obs, actions):
-        """The two Q values (batch,) each."""
-        out1, out2 = self.logits(obs, actions)
+        """Both heads' Q values, stacked: (2, batch). Kept together, each loss handles both heads
+        in the ops of one (a min over dim 0 is clipped double Q)."""
+        outputs = self.logits(obs, actions)
         if not self.distributional:
-            return out1.squeeze(1), out2.squeeze(1)
-        return self.mean_value(out1), self.mean_value(out2)
+            return outputs.squeeze(2)
+        return self.mean_value(outputs)
 
     def mean_value(self, logits):
-        return (torch.softmax(logits, dim=1) * self.atoms).sum(1)
+        return (torch.softmax(logits, dim=-1) * self.atoms).sum(-1)
 
 
 def make_critic(obs_dim, act_dim, args):
@@ -776,27 +777,23 @@ def update_critic(critic, critic_target, critic_optimizer, target_policy, obs_no
             # with cross-entropy, the C51 loss. The public code instead takes the element-wise min
             # of the two projected distributions, which no longer sums to 1, under a binary
             # cross-entropy loss; we keep the standard, proper distribution.
-            logits1, logits2 = critic_target.logits(bootstrap_obs, next_actions)
-            lower_is_1 = critic_target.mean_value(logits1) < critic_target.mean_value(logits2)
-            next_probs = torch.softmax(torch.where(lower_is_1[:, None], logits1, logits2), dim=1)
+            logits = critic_target.logits(bootstrap_obs, next_actions)  # (2, batch, atoms)
+            means = critic_target.mean_value(logits)
+            next_probs = torch.softmax(torch.where((means[0] < means[1])[:, None], logits[0], logits[1]), dim=1)
             target_probs = project_onto_atoms(next_probs, n_step_reward, discount, critic.atoms)
             target_mean = n_step_reward + discount * (next_probs * critic.atoms).sum(1)
             outside_support = ((target_mean < args.v_min) | (target_mean > args.v_max)).float().mean()
         else:
-            target_q1, target_q2 = critic_target(bootstrap_obs, next_actions)
-            target = n_step_reward + discount * torch.min(target_q1, target_q2)
+            target = n_step_reward + discount * critic_target(bootstrap_obs, next_actions).amin(0)  # clipped double Q: the lower head
             outside_support = torch.zeros((), device=obs.device)
     with bf16_autocast(args, obs.device):
-        if critic.distributional:
-            logits1, logits2 = critic.logits(obs, actions)
-        else:
-            q1, q2 = critic(obs, actions)
+        both_heads = critic.logits(obs, actions) if critic.distributional else critic(obs, actions)  # (2, batch[, atoms])
     if critic.distributional:
-        log_probs = torch.log_softmax(logits1, dim=1) + torch.log_softmax(logits2, dim=1)
-        errors = -(target_probs * log_probs).sum(1)
-        q1 = critic.mean_value(logits1)
+        errors = -(target_probs * torch.log_softmax(both_heads, dim=2)).sum((0, 2))  # the two heads' cross-entropies
+        q1 = critic.mean_value(both_heads[0])
     else:
-        errors = (q1 - target) ** 2 + (q2 - target) ** 2
+        errors = ((both_heads - target) ** 2).sum(0)  # the two heads' squared errors
+        q1 = both_heads[0]
     # `valid` masks the rare rows that are not real transitions (see envs.py, Isaac Gym adapter).
     critic_loss = (valid * errors).sum() / valid.sum().clamp(min=1.0)
     critic_optimizer.zero_grad(set_to_none=True)
@@ -815,8 +812,8 @@ def update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs, arg
     obs = obs_normalizer.normalize(obs)
     with bf16_autocast(args, obs.device):
         pre_tanh = actor.net(obs).float()  # float32 under --bf16 too, for the bound below
-        q1, q2 = policy_critic(obs, torch.tanh(pre_tanh))  # policy_critic is a frozen copy: no critic gradients
-    actor_loss = -torch.min(q1, q2).mean()
+        q_values = policy_critic(obs, torch.tanh(pre_tanh))  # policy_critic is a frozen copy: no critic gradients
+    actor_loss = -q_values.amin(0).mean()  # the lower of the two heads' Q, as in the target
     if args.pre_tanh_bound != float("inf"):
         # Past |pre_tanh| ~ 3 the tanh is flat (slope < 0.01; 3e-6 at 7), so the critic's gradient
         # cannot move the policy there any more: a Pendulum policy stuck at full torque below the

@@ -239,14 +239,17 @@ def test_actor_update_follows_the_critic_and_leaves_it_alone():
     args = make_args(actor_lr=1e-2)
     actor = pql.Actor(3, 1, args.hidden_dims)
     # A frozen "critic" whose Q is highest at action +1: the policy must move its actions up.
+    # Its two heads (stacked, as Critic returns them) differ by 1: the loss follows the lower.
     class PreferPositive(torch.nn.Module):
         def forward(self, obs, actions):
-            return actions.squeeze(1), actions.squeeze(1)
+            return torch.stack([actions.squeeze(1) + 1.0, actions.squeeze(1)])
     optimizer = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr)
     normalizer = pql.ObsNormalizer(3, clip=5.0, device=torch.device("cpu"))
     obs = torch.randn(64, 3)
     before = actor(obs).mean().item()
-    for _ in range(20):
+    first_loss = pql.update_actor(actor, optimizer, PreferPositive(), normalizer, obs, args).item()
+    assert first_loss == pytest.approx(-before, abs=1e-6)  # minus the lower head's mean Q
+    for _ in range(19):
         pql.update_actor(actor, optimizer, PreferPositive(), normalizer, obs, args)
     assert actor(obs).mean().item() > before + 0.3
 
@@ -262,7 +265,7 @@ def test_pre_tanh_penalty_pulls_a_saturated_policy_back_inside_its_bound(bound):
 
     class Indifferent(torch.nn.Module):  # a critic with no opinion on the action: only the penalty acts
         def forward(self, obs, actions):
-            return 0.0 * actions.squeeze(1), 0.0 * actions.squeeze(1)
+            return 0.0 * actions.squeeze(1).expand(2, -1)
     optimizer = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr)
     normalizer = pql.ObsNormalizer(3, clip=5.0, device=torch.device("cpu"))
     obs = torch.randn(64, 3)
