@@ -208,6 +208,29 @@ def make_args(**overrides):
     return pql.Args(**{**dict(hidden_dims=(16, 16), batch_size=32), **overrides})
 
 
+@pytest.mark.parametrize("grad_scale", [0.01, 10.0])
+def test_clip_grad_norm_scales_gradients_as_torchs_clip_grad_norm(grad_scale):
+    """Against nn.utils.clip_grad_norm_: gradients far above max_norm scaled down to it, gradients
+    below it left as they are."""
+    torch.manual_seed(0)
+    critic, reference = pql.Critic(3, 2, (8, 8)), pql.Critic(3, 2, (8, 8))
+    for param, reference_param in zip(critic.parameters(), reference.parameters()):
+        param.grad = torch.randn_like(param) * grad_scale
+        reference_param.grad = param.grad.clone()
+    before = [param.grad.clone() for param in critic.parameters()]
+    pql.clip_grad_norm(critic, 1.0)
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    for param, reference_param in zip(critic.parameters(), reference.parameters()):
+        torch.testing.assert_close(param.grad, reference_param.grad)
+    total_norm = torch.linalg.vector_norm(torch.cat([param.grad.flatten() for param in critic.parameters()]))
+    if grad_scale == 10.0:
+        assert total_norm.item() == pytest.approx(1.0, rel=1e-4)
+    else:
+        assert total_norm.item() < 1.0
+        for param, old in zip(critic.parameters(), before):
+            torch.testing.assert_close(param.grad, old)
+
+
 def test_critic_update_target_and_polyak_averaging():
     torch.manual_seed(0)
     args = make_args(tau=0.1, target_policy_noise=0.2, target_noise_clip=0.3)
