@@ -69,6 +69,8 @@ and the ratios hold; the guard is never exceeded, but it is conservative, not ti
 test_the_overwrite_check_can_fail); P_LAG_UPDATES 0 deadlocks at once, 1 would not.
 """
 import collections
+import threading
+import time
 import types
 
 import pytest
@@ -334,3 +336,35 @@ def test_the_ratio_check_can_fail(monkeypatch):
     monkeypatch.setattr(pql_threaded.Coordinator, "actor_may_step", lambda self: True)
     result = Model(make_args(1, 2, 1), watch_reads=False).explore()
     assert result.problem is not None and result.problem.startswith("ratio: the actor leads"), result.problem
+
+
+def test_a_count_wakes_only_the_roles_whose_rule_it_makes_true(monkeypatch):
+    """The actor waits for the V-learner's updates of an earlier iteration: the V-updates before
+    the last one it needs must not wake it (each needless wake-up takes the GIL from a role with
+    work), and the last one must, at once rather than by the wait's timeout."""
+    notified = []
+
+    class RecordedCondition(threading.Condition):
+        def notify_all(self):
+            notified.append(self)
+            super().notify_all()
+
+    monkeypatch.setattr(pql_threaded.threading, "Condition", RecordedCondition)
+    coordinator = pql_threaded.Coordinator(make_args(0, 8, 2))
+    coordinator.iterations = 2 + pql_threaded.ACTOR_LEAD_ITERATIONS  # the actor needs the 16 V-updates of iterations 0 and 1
+    result = []
+    actor = threading.Thread(target=lambda: result.append(coordinator.wait_until(coordinator.actor_may_step)), daemon=True)
+    actor.start()
+    try:
+        while coordinator.actor_may_step not in coordinator.wakeups:  # registered under the lock, which it then waits on
+            time.sleep(0.001)
+        actor_wakeup = coordinator.wakeups[coordinator.actor_may_step]
+        for _ in range(15):
+            coordinator.count("v_updates")
+        assert actor_wakeup not in notified and actor.is_alive()
+        coordinator.count("v_updates")
+        actor.join(timeout=0.05)  # well within the wait's 0.1 s timeout: woken by the count
+        assert notified.count(actor_wakeup) == 1 and result == [True]
+    finally:
+        coordinator.stop()  # a failed check must not leave the actor waiting
+        actor.join(timeout=1.0)

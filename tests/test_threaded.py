@@ -268,9 +268,9 @@ def test_learners_draw_and_gather_their_samples_outside_the_lock(monkeypatch, tm
             coordinators.append(self)
 
     def try_the_lock_from_another_thread():
-        acquired = coordinators[0].condition.acquire(timeout=1.0)
+        acquired = coordinators[0].lock.acquire(timeout=1.0)
         if acquired:
-            coordinators[0].condition.release()
+            coordinators[0].lock.release()
         lock_was_free.append(acquired)
 
     def sample_rows(buffer, *args):
