@@ -5,6 +5,7 @@ and that the figures are written. Needs benchmarks/requirements.txt (rsl-rl-lib,
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -489,3 +490,29 @@ def test_mjlab_ppo_refuses_bad_flags_before_any_run(flags, named, tmp_path):
                             capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 2 and named in result.stderr, result.stderr[-2000:]
     assert os.listdir(tmp_path) == []  # nothing ran
+
+
+def test_threaded_roles_times_each_role_of_one_run(tmp_path):
+    """One toy pql_threaded.py run: the table has a row per role, the counts are the run's, and on
+    the CPU the V-learner (eight updates per iteration) is the role the actor waits for."""
+    flags = "--device cpu --num-envs 16 --hidden-dims 32 32 --batch-size 64 --buffer-size 16000 --warmup-iterations 4 --total-timesteps 1600 --eval-envs 0"
+    result = subprocess.run([sys.executable, os.path.join(BENCH, "threaded_roles.py"), f"--flags={flags}"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    counts = re.search(r"(\d+) iterations, (\d+) V-updates, (\d+) P-updates", result.stdout)
+    iterations, v_updates, p_updates = map(int, counts.groups())
+    assert iterations == 100 and 8 * (iterations - 4 - 2) <= v_updates <= 8 * (iterations - 4) and v_updates // 2 - 2 <= p_updates <= v_updates // 2
+    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ") and "%" in line}
+    assert sorted(rows) == ["actor", "p-learner", "v-learner"]
+
+    def share(role, column):  # the percentage in a column (0: loop s, 1: waiting for its rule, ...)
+        cell = rows[role].split("|")[2 + column]
+        return float(re.search(r"\((\d+)%\)", cell).group(1))
+    assert share("actor", 1) > 30 and share("v-learner", 1) < 25
+    assert (tmp_path / "runs").is_dir()  # the run itself wrote its logs where it ran
+
+
+def test_threaded_roles_refuses_a_bad_flag_before_any_run(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(BENCH, "threaded_roles.py"), "--switch-interval", "0"], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "--switch-interval" in result.stderr and not (tmp_path / "runs").exists()
