@@ -6,25 +6,31 @@
     python benchmarks/threaded_roles.py --flags="--device cpu --num-envs 16 --hidden-dims 32 32 --batch-size 64 --buffer-size 16000"
 
 The run is pql_threaded.py itself (--script, default the repository's), imported and run in this
-process with some of its functions wrapped in timers: nothing in its logic changes. From the moment
-the learner threads start to the end of training (so compiling and recording CUDA graphs are left
-out; the warm-up iterations are in), for the actor (the main thread) and each learner thread:
+process with some of its functions wrapped in timers: nothing in its logic changes. Each role's
+window runs from the start of its loop to the stop of the run (the learners: their threads'
+bodies; the actor, the main thread: from its first coordination call to its call of
+Coordinator.stop), so recording CUDA graphs, and compiling with them, are left out (with --compile
+but no graphs, torch.compile compiles inside the loops, on their first calls); the warm-up
+iterations are in. For each role, the shares of its window:
 
-  * waiting for its rule: blocked in Coordinator.wait_until, because the others have not done
-    their share yet (the V-learner waits for data, the actor for the V-learner, ...);
-  * waiting for its GPU: in InFlightLimit.mark, for its own update of MAX_UPDATES_IN_FLIGHT ago;
-  * in the replay lock: SharedReplay.add (actor) and fill_window (learners), waiting for the lock included;
-  * on a CPU: the thread's CPU time (time.thread_time), the waits above excepted where they spin;
-  * the rest (wall time minus all of the above): runnable but without the GIL, or blocked in
-    another call (a CUDA launch on a full queue, a copy);
+  * waiting for its rule: inside Coordinator.wait_until, because the others have not done their
+    share yet (the V-learner waits for data, the actor for the V-learner, ...);
+  * waiting for its GPU: inside InFlightLimit.mark, for its own update of MAX_UPDATES_IN_FLIGHT ago;
+  * in the replay lock: inside SharedReplay.add (actor) and fill_window (learners), the lock's wait
+    and the work done holding it;
+  * each of these three includes taking the GIL back when the call returns (up to the switch
+    interval when another thread runs Python), and the CPU time spent inside the call;
+  * on a CPU outside those calls: the thread's CPU time (time.thread_time) less the CPU time inside them;
+  * the rest: runnable but without the GIL, or blocked in another call (a CUDA launch on a full
+    queue, a copy);
   * voluntary context switches per iteration (Linux: /proc/thread-self/status), how often the
     thread gave up its core: each GIL hand-off between threads is one.
 
 A role that waits for its rule most of the time is not the bottleneck; the one that does not is.
 --switch-interval sets Python's GIL switch interval (default 5 ms: how long a thread that wants
 the GIL lets another run Python before it asks for it); --actor-priority gives the actor's CUDA
-streams the highest priority, so its kernels go first when the learners' fill the GPU. Both are
-experiments: pql_threaded.py sets neither.
+streams the highest priority this GPU offers (the learners' stay at 0, the lowest), so its kernels
+go first when the learners' fill the GPU. Both are experiments: pql_threaded.py sets neither.
 """
 import collections
 import contextlib
@@ -92,26 +98,29 @@ class RoleClock:
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             try:
                 return original(*args, **kwargs)
             finally:
                 with self.lock:
                     self.seconds[(self.role(), what)] += time.perf_counter() - start
+                    self.seconds[(self.role(), "cpu inside")] += time.thread_time() - cpu_start
         setattr(owner, name, timed)
 
     def start(self):
         self.started[self.role()] = (time.perf_counter(), time.thread_time(), context_switches())
 
     def stop(self):
-        wall, cpu, switches = self.started[self.role()]
-        self.totals[self.role()] = (time.perf_counter() - wall, time.thread_time() - cpu, context_switches() - switches)
+        if self.role() in self.started and self.role() not in self.totals:
+            wall, cpu, switches = self.started[self.role()]
+            self.totals[self.role()] = (time.perf_counter() - wall, time.thread_time() - cpu, context_switches() - switches)
 
 
 def run(args):
     sys.setswitchinterval(args.switch_interval)
     pql_threaded = load_pql_threaded(args.script)
     clock, coordinators = RoleClock(), []
+    clock.actor_stream_priority = None
     clock.wrap(pql_threaded.Coordinator, "wait_until", "rule")
     clock.wrap(pql_threaded.InFlightLimit, "mark", "gpu")
     clock.wrap(pql_threaded.SharedReplay, "add", "lock")
@@ -143,6 +152,13 @@ def run(args):
             clock.start()
         return original_wait_until(coordinator, *wait_args, **wait_kwargs)
     pql_threaded.Coordinator.wait_until = wait_until
+    original_stop = pql_threaded.Coordinator.stop
+
+    def stop(coordinator, *stop_args, **stop_kwargs):
+        if clock.role() == "actor":
+            clock.stop()  # the first call ends the actor's window (the learners' end with their threads)
+        return original_stop(coordinator, *stop_args, **stop_kwargs)
+    pql_threaded.Coordinator.stop = stop
 
     if args.actor_priority:
         original_role_streams = pql_threaded.role_streams
@@ -154,7 +170,9 @@ def run(args):
             contexts = contextlib.ExitStack()
             for device in [device for device in dict.fromkeys(other_devices) if device != own_device] + [own_device]:
                 if device.type == "cuda":
-                    stream = torch.cuda.Stream(device, priority=-1)  # lower is higher; beyond the range means the highest
+                    _, highest = getattr(torch.cuda.Stream, "priority_range", lambda: (0, -1))()  # (lowest, highest): lower numbers go first
+                    stream = torch.cuda.Stream(device, priority=highest)
+                    clock.actor_stream_priority = stream.priority
                     stream.wait_stream(torch.cuda.default_stream(device))
                     contexts.enter_context(torch.cuda.stream(stream))
             contexts.enter_context(torch.cuda.device(own_device))
@@ -166,23 +184,27 @@ def run(args):
     if exit_code != 0 or not coordinators or "actor" not in clock.started:
         print(f"error: pql_threaded.py exited with {exit_code} before its roles ran", file=sys.stderr)
         return exit_code or 1
-    clock.stop()  # the actor's loop has ended with train()
+    clock.stop()  # if the actor's loop ended without its call of Coordinator.stop
     return report(clock, coordinators[0], args)
 
 
 def report(clock, coordinator, args):
     iterations = max(coordinator.iterations, 1)
     wall = clock.totals["v-learner"][0]
-    print(f"pql_threaded.py {args.flags} (switch interval {args.switch_interval * 1000:g} ms"
-          f"{', actor streams at high priority' if args.actor_priority else ''}): {coordinator.iterations} iterations,"
+    priority = ""
+    if args.actor_priority:
+        priority = (f", actor streams at priority {clock.actor_stream_priority} (the learners' at 0)" if clock.actor_stream_priority is not None
+                    else ", --actor-priority without effect: no CUDA streams")
+    print(f"pql_threaded.py {args.flags} (switch interval {args.switch_interval * 1000:g} ms{priority}): {coordinator.iterations} iterations,"
           f" {coordinator.v_updates} V-updates, {coordinator.p_updates} P-updates in {wall:.1f} s of loops"
           f" ({coordinator.iterations / wall:.1f} iterations/s)\n")
-    print("| role | loop s | waiting for its rule | waiting for its GPU | in the replay lock | on a CPU | the rest (GIL, other waits)"
-          " | context switches per iteration |")
+    print("| role | loop s | waiting for its rule | waiting for its GPU | in the replay lock | on a CPU, outside those calls |"
+          " the rest (GIL, other waits) | context switches per iteration |")
     print("|---|---|---|---|---|---|---|---|")
     for role in ROLES:
         role_wall, cpu, switches = clock.totals[role]
         waits = {what: clock.seconds[(role, what)] for what in ("rule", "gpu", "lock")}
+        cpu = max(cpu - clock.seconds[(role, "cpu inside")], 0.0)
         rest = max(role_wall - sum(waits.values()) - cpu, 0.0)
 
         shares = [f"{seconds:.2f} s ({100 * seconds / role_wall:.0f}%)" for seconds in (*waits.values(), cpu, rest)]

@@ -356,15 +356,18 @@ def test_a_count_wakes_only_the_roles_whose_rule_it_makes_true(monkeypatch):
     actor = threading.Thread(target=lambda: result.append(coordinator.wait_until(coordinator.actor_may_step)), daemon=True)
     actor.start()
     try:
+        deadline = time.time() + 5.0
         while coordinator.actor_may_step not in coordinator.wakeups:  # registered under the lock, which it then waits on
+            assert actor.is_alive() and time.time() < deadline, "the actor never started waiting"
             time.sleep(0.001)
         actor_wakeup = coordinator.wakeups[coordinator.actor_may_step]
         for _ in range(15):
             coordinator.count("v_updates")
         assert actor_wakeup not in notified and actor.is_alive()
         coordinator.count("v_updates")
-        actor.join(timeout=0.05)  # well within the wait's 0.1 s timeout: woken by the count
-        assert notified.count(actor_wakeup) == 1 and result == [True]
+        assert notified.count(actor_wakeup) == 1  # woken by the count, not by the wait's 0.1 s timeout
+        actor.join(timeout=5.0)
+        assert result == [True]
     finally:
         coordinator.stop()  # a failed check must not leave the actor waiting
         actor.join(timeout=1.0)
