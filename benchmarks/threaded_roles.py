@@ -88,6 +88,7 @@ class RoleClock:
         self.lock = threading.Lock()
         self.started = {}  # role -> (wall, cpu, context switches) when it started
         self.totals = {}  # role -> (wall, cpu, context switches) over its loop
+        self.actor_stream_priority = None  # set by --actor-priority where the actor has CUDA streams
 
     @staticmethod
     def role():
@@ -120,7 +121,6 @@ def run(args):
     sys.setswitchinterval(args.switch_interval)
     pql_threaded = load_pql_threaded(args.script)
     clock, coordinators = RoleClock(), []
-    clock.actor_stream_priority = None
     clock.wrap(pql_threaded.Coordinator, "wait_until", "rule")
     clock.wrap(pql_threaded.InFlightLimit, "mark", "gpu")
     clock.wrap(pql_threaded.SharedReplay, "add", "lock")
@@ -133,7 +133,7 @@ def run(args):
     pql_threaded.Coordinator.__init__ = init
 
     # A learner's loop is its thread's body. The actor's (the main thread's) starts at its first
-    # coordination call and ends when pql_threaded's main() returns.
+    # coordination call and ends at its call of Coordinator.stop.
     original_thread_run = threading.Thread.run
 
     def thread_run(thread):
@@ -206,7 +206,6 @@ def report(clock, coordinator, args):
         waits = {what: clock.seconds[(role, what)] for what in ("rule", "gpu", "lock")}
         cpu = max(cpu - clock.seconds[(role, "cpu inside")], 0.0)
         rest = max(role_wall - sum(waits.values()) - cpu, 0.0)
-
         shares = [f"{seconds:.2f} s ({100 * seconds / role_wall:.0f}%)" for seconds in (*waits.values(), cpu, rest)]
         print(f"| {role} | {role_wall:.2f} | {' | '.join(shares)} | {switches / iterations:.0f} |")
     return 0
