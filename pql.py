@@ -956,9 +956,8 @@ def train(args, env, eval_env, device):
     stats = {name: torch.zeros((), device=device) for name in
              ["return_sum", "length_sum", "episodes", "critic_loss", "q_mean", "outside_support", "critic_nonfinite", "v_updates",
               "actor_loss", "actor_nonfinite", "p_updates", "eval_return_sum", "eval_episodes"]}
-    # Iteration of the first non-finite observation or loss (inf: none yet), kept on the device.
+    # Iteration of the first non-finite observation, reward or loss (inf: none yet), kept on the device.
     first_nonfinite_iteration = torch.full((), float("inf"), device=device)
-    iteration_on_device = torch.zeros((), device=device)
 
     # The learners' steps as functions of nothing; compiled, or recorded as CUDA graphs, or both
     # (then the recording's warm-up calls compile, and the graph replays the compiled kernels).
@@ -1003,7 +1002,9 @@ def train(args, env, eval_env, device):
         stats["return_sum"] += (info["episode_return"] * ended).sum()
         stats["length_sum"] += (info["episode_length"] * ended).sum()
         stats["episodes"] += ended.sum()
-        finite = torch.isfinite(next_obs).all()
+        # The true last observation of an episode that ended goes into the buffer too: a physics
+        # blow-up that ends an episode shows there, not in next_obs (the next episode's start).
+        finite = torch.isfinite(next_obs).all() & torch.isfinite(info["final_obs"]).all() & torch.isfinite(rewards).all()
         if eval_env is not None:  # the same policy without noise, on envs of its own
             eval_obs = evaluation_step(eval_env, eval_obs, acting_policy, obs_normalizer, stats)
 
@@ -1025,8 +1026,7 @@ def train(args, env, eval_env, device):
             copy_weights(actor, acting_policy)
             copy_weights(actor, target_policy)
             copy_weights(critic, policy_critic)
-        first_nonfinite_iteration = torch.where(finite, first_nonfinite_iteration, torch.minimum(first_nonfinite_iteration, iteration_on_device))
-        iteration_on_device += 1
+        first_nonfinite_iteration = torch.where(finite, first_nonfinite_iteration, first_nonfinite_iteration.clamp(max=iteration))
         iteration += 1
         progress.update(args.num_envs)
         out_of_budget = global_step >= args.total_timesteps or time.time() - start_time >= args.max_time or STOP_SIGNAL is not None
@@ -1037,7 +1037,7 @@ def train(args, env, eval_env, device):
             bad_iteration = first_nonfinite_iteration.item()
             if bad_iteration != float("inf"):
                 bad_step = (int(bad_iteration) + 1) * args.num_envs
-                print(f"error: non-finite observation or loss at env step {bad_step} (iteration {int(bad_iteration)});"
+                print(f"error: non-finite observation, reward or loss at env step {bad_step} (iteration {int(bad_iteration)});"
                       f" stopping, the last good checkpoint is {checkpoint_path}", file=sys.stderr)
                 exit_code = 1
                 break
@@ -1062,7 +1062,7 @@ def train(args, env, eval_env, device):
                 checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step):
             print(f"saved {checkpoint_path} after {global_step} env steps; latest mean return {mean_return:.2f}")
         else:
-            print("error: non-finite observation or loss in the last iterations; checkpoint not updated", file=sys.stderr)
+            print("error: non-finite values (observations, rewards, losses or weights) at the end; checkpoint not updated", file=sys.stderr)
             exit_code = 1
     writer.close()
     return exit_code

@@ -1235,9 +1235,8 @@ def train(args, env, eval_env, devices):
                    ["return_sum", "length_sum", "episodes", "eval_return_sum", "eval_episodes"]}
     v_stats = {name: torch.zeros((), dtype=torch.float64, device=v_device) for name in ["critic_loss", "q_mean", "outside_support", "critic_nonfinite"]}
     p_stats = {name: torch.zeros((), dtype=torch.float64, device=p_device) for name in ["actor_loss", "actor_nonfinite"]}
-    # Iteration of the first non-finite observation (inf: none yet), kept on the device.
+    # Iteration of the first non-finite observation or reward (inf: none yet), kept on the device.
     first_nonfinite_iteration = torch.full((), float("inf"), device=actor_device)
-    iteration_on_device = torch.zeros((), device=actor_device)
 
     # The learners' steps as functions of nothing, each sampling through its own window with its
     # own random numbers, drawn before each step (draws.draw()); compiled, or recorded as CUDA
@@ -1306,9 +1305,10 @@ def train(args, env, eval_env, devices):
                 actor_stats["episodes"] += ended.sum()
                 if eval_env is not None:  # the same policy without noise, on envs of its own
                     eval_obs = evaluation_step(eval_env, eval_obs, acting_policy, obs_normalizer, actor_stats)
-                first_nonfinite_iteration = torch.where(torch.isfinite(next_obs).all(), first_nonfinite_iteration,
-                                                        torch.minimum(first_nonfinite_iteration, iteration_on_device))
-                iteration_on_device += 1
+                # The true last observation of an episode that ended goes into the buffer too: a physics
+                # blow-up that ends an episode shows there, not in next_obs (the next episode's start).
+                finite = torch.isfinite(next_obs).all() & torch.isfinite(info["final_obs"]).all() & torch.isfinite(rewards).all()
+                first_nonfinite_iteration = torch.where(finite, first_nonfinite_iteration, first_nonfinite_iteration.clamp(max=iteration))
                 iteration += 1
                 coordinator.count("iterations")
                 if iteration % args.sync_interval == 0:
@@ -1322,7 +1322,7 @@ def train(args, env, eval_env, devices):
                     bad_iteration = first_nonfinite_iteration.item()
                     nonfinite_updates = v_stats["critic_nonfinite"].item() + p_stats["actor_nonfinite"].item()
                     if bad_iteration != float("inf") or nonfinite_updates > 0:
-                        where = (f"observation at env step {(int(bad_iteration) + 1) * args.num_envs} (iteration {int(bad_iteration)})"
+                        where = (f"observation or reward at env step {(int(bad_iteration) + 1) * args.num_envs} (iteration {int(bad_iteration)})"
                                  if bad_iteration != float("inf") else f"loss before env step {global_step}")
                         print(f"error: non-finite {where}; stopping, the last good checkpoint is {checkpoint_path}", file=sys.stderr)
                         exit_code = 1
@@ -1372,7 +1372,7 @@ def train(args, env, eval_env, devices):
                     checkpoint_path, actor, critic, critic_target, obs_normalizer, args, global_step):
                 print(f"saved {checkpoint_path} after {global_step} env steps; latest mean return {mean_return:.2f}")
             else:
-                print("error: non-finite observation or loss in the last iterations; checkpoint not updated", file=sys.stderr)
+                print("error: non-finite values (observations, rewards, losses or weights) at the end; checkpoint not updated", file=sys.stderr)
                 exit_code = 1
         except Exception:  # after a CUDA error in a role the device may refuse all work: re-raise that error below
             if error is None:

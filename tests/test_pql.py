@@ -693,22 +693,36 @@ def test_bad_flags_fail_before_any_work_naming_the_flag(tmp_path, monkeypatch, c
     assert not (tmp_path / "runs").exists()  # nothing was started
 
 
-def test_nonfinite_values_stop_at_their_step_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    """An env that starts returning NaN observations at iteration 13 must stop the run with that
-    step and leave the checkpoint of the last logging interval before it."""
-    monkeypatch.chdir(tmp_path)
-    env = pql.envs.make_env("Pendulum", 8, device="cpu", seed=0)
+def poison_env_step(env, poisoned, from_iteration, once):
+    """Make env.step return NaN in one of its outputs (next_obs, final_obs or reward) at iteration
+    from_iteration (1-based) and, unless once, at every iteration after it."""
     real_step, iteration = env.step, [0]
 
     def poisoned_step(actions):
         next_obs, reward, terminated, truncated, info = real_step(actions)
         iteration[0] += 1
-        if iteration[0] > 13:
-            next_obs = next_obs * float("nan")
+        if iteration[0] == from_iteration or (iteration[0] > from_iteration and not once):
+            if poisoned == "next_obs":
+                next_obs = next_obs * float("nan")
+            elif poisoned == "final_obs":  # as a physics blow-up that ends an episode would show
+                info = {**info, "final_obs": info["final_obs"].clone().index_fill_(0, torch.tensor([3]), float("nan"))}
+            else:
+                reward = reward.clone().index_fill_(0, torch.tensor([5]), float("nan"))
         return next_obs, reward, terminated, truncated, info
 
     env.step = poisoned_step
-    args = make_args(num_envs=8, buffer_size=8000, warmup_iterations=2, log_interval=5, save_interval=1e-9, device="cpu")
+
+
+@pytest.mark.parametrize("poisoned, once", [("next_obs", False), ("final_obs", True), ("reward", True)])
+def test_nonfinite_values_stop_at_their_step_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, poisoned, once):
+    """An env that returns a NaN observation, a NaN true last observation (what goes into the buffer
+    where an episode ends) or a NaN reward at iteration 13 must stop the run with that step and leave
+    the checkpoint of the last logging interval before it. During warm-up (20 iterations) nothing
+    samples the buffer, so only the env's outputs themselves can show it that early."""
+    monkeypatch.chdir(tmp_path)
+    env = pql.envs.make_env("Pendulum", 8, device="cpu", seed=0)
+    poison_env_step(env, poisoned, from_iteration=14, once=once)
+    args = make_args(num_envs=8, buffer_size=8000, warmup_iterations=20, log_interval=5, save_interval=1e-9, device="cpu")
     assert pql.train(args, env, None, torch.device("cpu")) == 1
     err = capsys.readouterr().err
     assert "non-finite" in err and "env step 112 (iteration 13)" in err

@@ -19,6 +19,7 @@ from test_pql import (
     interrupt_run,
     learned_mean_return,
     main_in_process,
+    poison_env_step,
     read_scalars,
 )
 
@@ -154,6 +155,23 @@ def test_a_loss_that_turns_nonfinite_after_the_last_log_never_reaches_the_checkp
     assert re.search(r"interrupted at env step \d+ \(SIGTERM\); saving", result.stderr), result.stderr
     assert "non-finite" in result.stderr and "checkpoint not updated" in result.stderr
     assert not glob.glob(str(tmp_path / "runs" / "*" / "model.pt"))
+
+
+def test_a_nonfinite_final_observation_stops_the_run_at_its_step(tmp_path, monkeypatch, capsys):
+    """As in pql.py: a NaN in the true last observation of an ended episode (what the replay buffer
+    stores) at iteration 13, during warm-up (nothing samples yet), stops the run with that step and
+    keeps the checkpoint of iteration 10."""
+    monkeypatch.chdir(tmp_path)
+    cpu = torch.device("cpu")
+    env = pql_threaded.envs.make_env("Pendulum", 8, device=cpu, seed=0)
+    poison_env_step(env, "final_obs", from_iteration=14, once=True)
+    args = pql_threaded.Args(task="Pendulum", num_envs=8, hidden_dims=(16,), batch_size=32, buffer_size=8000, warmup_iterations=20,
+                             log_interval=5, save_interval=1e-9)
+    assert pql_threaded.train(args, env, None, (cpu, cpu, cpu)) == 1
+    err = capsys.readouterr().err
+    assert "non-finite observation or reward at env step 112 (iteration 13)" in err
+    (checkpoint_path,) = glob.glob("runs/*/model.pt")
+    assert torch.load(checkpoint_path, weights_only=False)["global_step"] == 10 * 8
 
 
 def test_the_periodic_checkpoint_refuses_nonfinite_snapshots(tmp_path):
