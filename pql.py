@@ -830,12 +830,13 @@ def update_actor(actor, actor_optimizer, policy_critic, obs_normalizer, obs, arg
 def make_optimizer(parameters, lr, capturable):
     """AdamW in one fused kernel per step where this torch has one for the device (CUDA from torch
     2.0, CPU from 2.4), else in one multi-tensor (foreach) op per step, never a loop over the
-    weights. `capturable` keeps AdamW's step counts on the device, as a CUDA graph needs."""
+    weights. `capturable` keeps AdamW's step counts on the device, as a CUDA graph needs. The weight
+    decay is AdamW's default, which the public code used without naming it."""
     parameters = list(parameters)
     try:
-        return torch.optim.AdamW(parameters, lr=lr, fused=True, capturable=capturable)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, fused=True, capturable=capturable)
     except RuntimeError:  # no fused AdamW for this device in this torch
-        return torch.optim.AdamW(parameters, lr=lr, foreach=True, capturable=capturable)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, foreach=True, capturable=capturable)
 
 
 def v_learner_step(replay_buffer, window, draws, critic, critic_target, critic_optimizer, target_policy, obs_normalizer, stats, args):
