@@ -955,8 +955,8 @@ def train(args, env, eval_env, device):
 
     # Statistics summed on the device and read only at logging intervals (no per-step sync).
     stats = {name: torch.zeros((), device=device) for name in
-             ["return_sum", "length_sum", "episodes", "critic_loss", "q_mean", "outside_support", "critic_nonfinite", "v_updates",
-              "actor_loss", "actor_nonfinite", "p_updates", "eval_return_sum", "eval_episodes"]}
+             ["return_sum", "length_sum", "episodes", "critic_loss", "q_mean", "outside_support", "critic_nonfinite",
+              "actor_loss", "actor_nonfinite", "eval_return_sum", "eval_episodes"]}
     # Iteration of the first non-finite observation, reward or loss (inf: none yet), kept on the device.
     first_nonfinite_iteration = torch.full((), float("inf"), device=device)
 
@@ -979,6 +979,7 @@ def train(args, env, eval_env, device):
         replay_buffer.window.zero_()
 
     global_step, v_updates, p_updates, mean_return = 0, 0, 0, float("nan")
+    logged_updates = (0, 0)  # v_updates and p_updates at the last log
     start_time = last_save_time = time.time()
     progress = progress_bar(args.total_timesteps)
     obs = env.reset()
@@ -1016,12 +1017,10 @@ def train(args, env, eval_env, device):
                 v_draws.draw()
                 v_step()
                 v_updates += 1
-                stats["v_updates"] += 1
                 if v_updates % args.v_updates_per_p_update == 0:
                     p_draws.draw()
                     p_step()
                     p_updates += 1
-                    stats["p_updates"] += 1
             finite &= (stats["critic_nonfinite"] + stats["actor_nonfinite"]) == 0
             # ---- hand-off: every role gets the others' latest networks ----
             copy_weights(actor, acting_policy)
@@ -1043,6 +1042,8 @@ def train(args, env, eval_env, device):
                 exit_code = 1
                 break
             sums = {name: value.item() for name, value in stats.items()}
+            sums["v_updates"], sums["p_updates"] = v_updates - logged_updates[0], p_updates - logged_updates[1]
+            logged_updates = (v_updates, p_updates)
             for value in stats.values():
                 value.zero_()
             mean_return = write_scalars(writer, sums, global_step, v_updates, time.time() - start_time, mean_return, progress, args)
