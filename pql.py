@@ -502,7 +502,8 @@ class ReplayBuffer:
         return torch.zeros(2, dtype=torch.long, device=self.device)
 
     def fill_window(self, window):
-        """Write [pos, rows that may be sampled] into `window`, a pair of device scalars."""
+        """Write [pos, rows that may be sampled] into `window`, a pair of device scalars: the
+        sampling window, which bounds where samples start (each sample's n-step window is another thing)."""
         window[0].fill_(self.pos)
         window[1].fill_(min(self.size, self.capacity - self.overwrite_guard))
 
@@ -526,9 +527,9 @@ class ReplayBuffer:
     def gather(self, env_index, start, age, nstep, gamma):
         """The n-step transitions starting at row `start` of each env, `age` rows before its newest.
 
-        Returns obs, actions, the discounted reward sum over the window, the observation to
+        Returns obs, actions, the discounted reward sum over the n-step window, the observation to
         bootstrap from, its discount (gamma^k, or 0 if the window ends in a termination) and the
-        valid flag. The window is shorter than n (k < n) where the episode ends inside it, or
+        valid flag. The n-step window is shorter than n (k < n) where the episode ends inside it, or
         where the rows after it are not written yet.
         """
         offsets = torch.arange(nstep, device=self.device)
