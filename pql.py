@@ -368,6 +368,7 @@ def progress_bar(total):
 
 def start_run(args, reward_scale):
     """TensorBoard writer under runs/{run_name}/ with the hyperparameters as a text table."""
+    WARNED_ABOUT_SUPPORT.clear()  # each run warns once: a second run in one process (tests, a notebook) too
     run_name = f"{args.task.replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
     writer = SummaryWriter(run_dir)

@@ -1,6 +1,8 @@
 """PQL-D: the C51 projection against the textbook loop (Bellemare et al. 2017, Algorithm 1),
 its edge cases, the distributional critic update, and learning with --distributional."""
+import importlib
 import math
+import types
 
 import pytest
 import torch
@@ -110,3 +112,22 @@ def test_distributional_critic_update_uses_the_lower_target_and_cross_entropy():
 
 def test_learns_pendulum_distributional(pql_pendulum_returns):
     assert pql_pendulum_returns["distributional"] > -400
+
+
+@pytest.mark.parametrize("script", ["pql", "pql_threaded"])
+def test_the_support_warning_comes_once_per_run_also_for_a_second_run_in_one_process(tmp_path, monkeypatch, script):
+    """Targets outside [--v-min, --v-max] are reported once per run (the scalar keeps the record),
+    and a second run in the same process (tests, a notebook) is warned again."""
+    module = importlib.import_module(script)
+    monkeypatch.chdir(tmp_path)
+    args = module.Args(distributional=True)
+    values = {"episodes": 0, "v_updates": 4, "critic_loss": 1.0, "q_mean": 0.0, "outside_support": 0.8, "p_updates": 0,
+              "eval_episodes": 0}
+    warnings = []
+    progress = types.SimpleNamespace(write=warnings.append, set_postfix=lambda **kwargs: None)
+    for run in range(2):
+        writer, _ = module.start_run(args, 1.0)
+        for step in range(3):
+            module.write_scalars(writer, values, step + 1, 4, 1.0, float("nan"), progress, args)
+        writer.close()
+        assert len(warnings) == run + 1 and "20% of the critic's targets" in warnings[-1] and "outside [--v-min, --v-max]" in warnings[-1]
