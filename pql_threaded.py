@@ -8,8 +8,8 @@ here they run in parallel, as in the paper:
   * the actor (this file's main thread) steps the environments and writes the replay buffer;
   * the V-learner (a thread) trains the twin Q critic;
   * the P-learner (a thread) trains the policy.
-On a GPU each role issues its work on its own CUDA stream, so the GPU runs their kernels
-concurrently; --actor-device, --v-learner-device and --p-learner-device spread the roles over
+On a GPU each learner issues its work on its own CUDA stream and the actor on the default one
+(its simulator's), so the GPU runs their kernels concurrently; --actor-device, --v-learner-device and --p-learner-device spread the roles over
 several GPUs. The ratios (`v_updates_per_env_step`, `v_updates_per_p_update`) hold by counting:
 whichever role runs ahead waits. Networks pass between roles through locked snapshots.
 
@@ -1105,7 +1105,7 @@ def overwrite_guard(args):
     return ACTOR_LEAD_ITERATIONS + 2 + math.ceil(worst_v_updates / args.v_updates_per_env_step)
 
 
-def role_streams(own_device, *other_devices):
+def role_streams(own_device, *other_devices, keep_default_stream=False):
     """Give this thread its own CUDA stream on each device it uses, so the roles' kernels run
     concurrently instead of queueing on the default stream, and make the role's own device the
     thread's current one (entering a stream makes its device current, so it goes last). Nothing
@@ -1113,11 +1113,17 @@ def role_streams(own_device, *other_devices):
 
     A new stream does not wait for the default stream, where the main thread made the networks,
     snapshots and statistics before the roles started: each role's stream waits for that work first.
+
+    The actor keeps its own device's default stream (keep_default_stream), where its simulator
+    expects torch's work, as in pql.py: mjlab's MuJoCo Warp queues its physics on a stream of its own
+    that synchronises with the default stream only, so an actor on a stream of its own would race it
+    (Isaac Gym's PhysX likewise has its own streams). PyTorch's streams (torch.cuda.Stream) do not
+    synchronise with the default stream, so the learners' kernels still run beside the actor's.
     """
     contexts = contextlib.ExitStack()
     devices = [device for device in dict.fromkeys(other_devices) if device != own_device] + [own_device]
     for device in devices:
-        if device.type == "cuda":
+        if device.type == "cuda" and not (keep_default_stream and device == own_device):
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.default_stream(device))
             contexts.enter_context(torch.cuda.stream(stream))
@@ -1283,7 +1289,7 @@ def train(args, env, eval_env, devices):
     out_of_budget = False  # set by the iteration that reaches --total-timesteps or --max-time, or by Ctrl-C or SIGTERM
     stop_signals_end_the_loop()
     try:
-        with role_streams(actor_device, v_device):
+        with role_streams(actor_device, v_device, keep_default_stream=True):  # the envs' stream, as in pql.py
             obs = env.reset()
             eval_obs = eval_env.reset() if eval_env is not None else None
             while not out_of_budget:

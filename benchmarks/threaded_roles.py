@@ -28,9 +28,11 @@ iterations are in. For each role, the shares of its window:
 
 A role that waits for its rule most of the time is not the bottleneck; the one that does not is.
 --switch-interval sets Python's GIL switch interval (default 5 ms: how long a thread that wants
-the GIL lets another run Python before it asks for it); --actor-priority gives the actor's CUDA
-streams the highest priority this GPU offers (the learners' stay at 0, the lowest), so its kernels
-go first when the learners' fill the GPU. Both are experiments: pql_threaded.py sets neither.
+the GIL lets another run Python before it asks for it); --actor-priority gives the actor CUDA
+streams of its own at the highest priority this GPU offers (the learners' stay at 0, the lowest),
+so its kernels go first when the learners' fill the GPU (pql_threaded.py keeps the actor on the
+default stream, where a simulator's own GPU work is ordered with it: the experiment is for the
+built-in torch envs only). Both are experiments: pql_threaded.py sets neither.
 """
 import collections
 import contextlib
@@ -164,9 +166,9 @@ def run(args):
         original_role_streams = pql_threaded.role_streams
         torch = pql_threaded.torch
 
-        def role_streams(own_device, *other_devices):
+        def role_streams(own_device, *other_devices, **options):
             if clock.role() != "actor" or own_device.type != "cuda":
-                return original_role_streams(own_device, *other_devices)
+                return original_role_streams(own_device, *other_devices, **options)
             contexts = contextlib.ExitStack()
             for device in [device for device in dict.fromkeys(other_devices) if device != own_device] + [own_device]:
                 if device.type == "cuda":

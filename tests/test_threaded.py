@@ -413,6 +413,36 @@ def test_each_role_keeps_its_own_device_current_and_its_streams_wait_for_the_set
         assert cuda.current_streams == cuda.default_streams and cuda.current_device == 0
 
 
+def test_the_actor_keeps_its_default_stream_for_its_simulator(monkeypatch):
+    """A simulator with GPU work of its own (mjlab's Warp queues its physics on a stream that
+    synchronises with the default stream only) expects torch's work on the default stream: the actor
+    keeps it on its own GPU, and takes a stream of its own only on another GPU (the replay buffer's)."""
+    cuda = FakeCuda(monkeypatch, device_count=2)
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    with pql_threaded.role_streams(cuda0, cuda0, keep_default_stream=True):
+        assert cuda.current_device == 0 and cuda.current_streams[0] is cuda.default_streams[0]
+    with pql_threaded.role_streams(cuda0, cuda1, keep_default_stream=True):
+        assert cuda.current_device == 0 and cuda.current_streams[0] is cuda.default_streams[0]
+        assert cuda.current_streams[1].kind == "new" and cuda.current_streams[1].waited_for == [cuda.default_streams[1]]
+    assert cuda.current_streams == cuda.default_streams
+
+
+def test_train_keeps_the_actor_and_only_the_actor_on_the_default_stream(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    calls, real_role_streams = [], pql_threaded.role_streams
+
+    def role_streams(*devices, **options):
+        calls.append((threading.current_thread().name, options.get("keep_default_stream", False)))
+        return real_role_streams(*devices, **options)
+
+    monkeypatch.setattr(pql_threaded, "role_streams", role_streams)
+    args = pql_threaded.Args(task="Pendulum", num_envs=8, hidden_dims=(16,), batch_size=32, buffer_size=4000,
+                             warmup_iterations=2, total_timesteps=8 * 10, log_interval=5)
+    cpu = torch.device("cpu")
+    assert pql_threaded.train(args, pql_threaded.envs.make_env("Pendulum", 8, device=cpu, seed=0), None, (cpu, cpu, cpu)) == 0
+    assert sorted(calls) == [("MainThread", True), ("p-learner", False), ("v-learner", False)]
+
+
 def test_in_flight_limit_reuses_a_fixed_ring_of_events(monkeypatch):
     cuda = FakeCuda(monkeypatch)
     limit = pql_threaded.InFlightLimit(torch.device("cuda", 0), limit=2)
