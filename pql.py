@@ -1037,13 +1037,16 @@ def train(args, env, eval_env, device):
         # iterations, and after the last one, so that the logs reach the run's end ----
         if iteration % args.log_interval == 0 or out_of_budget:
             bad_iteration = first_nonfinite_iteration.item()
-            if bad_iteration != float("inf"):
-                bad_step = (int(bad_iteration) + 1) * args.num_envs
-                print(f"error: non-finite observation, reward or loss at env step {bad_step} (iteration {int(bad_iteration)});"
-                      f" stopping, the last good checkpoint is {checkpoint_path}", file=sys.stderr)
+            sums = {name: value.item() for name, value in stats.items()}
+            nonfinite_sums = [name for name, value in sums.items() if not math.isfinite(value)]  # e.g. an evaluation env's return
+            if bad_iteration != float("inf") or nonfinite_sums:
+                if bad_iteration != float("inf"):
+                    where = f"observation, reward or loss at env step {(int(bad_iteration) + 1) * args.num_envs} (iteration {int(bad_iteration)})"
+                else:
+                    where = f"statistic ({', '.join(nonfinite_sums)}) before env step {global_step}"
+                print(f"error: non-finite {where}; stopping, the last good checkpoint is {checkpoint_path}", file=sys.stderr)
                 exit_code = 1
                 break
-            sums = {name: value.item() for name, value in stats.items()}
             sums["v_updates"], sums["p_updates"] = v_updates - logged_updates[0], p_updates - logged_updates[1]
             logged_updates = (v_updates, p_updates)
             for value in stats.values():

@@ -1329,16 +1329,23 @@ def train(args, env, eval_env, devices):
                 # --log-interval iterations, and after the last one, so that the logs reach the run's end ----
                 if iteration % args.log_interval == 0 or out_of_budget:
                     bad_iteration = first_nonfinite_iteration.item()
-                    nonfinite_updates = v_stats["critic_nonfinite"].item() + p_stats["actor_nonfinite"].item()
-                    if bad_iteration != float("inf") or nonfinite_updates > 0:
-                        where = (f"observation or reward at env step {(int(bad_iteration) + 1) * args.num_envs} (iteration {int(bad_iteration)})"
-                                 if bad_iteration != float("inf") else f"loss before env step {global_step}")
+                    # One read of every running sum, checked and then logged as read: the learners go
+                    # on writing meanwhile, so a loss read again after the check could be one it missed.
+                    sums = read_sums(actor_stats, v_stats, p_stats)
+                    nonfinite_losses = sums["critic_nonfinite"] + sums["actor_nonfinite"] > 0
+                    nonfinite_sums = [name for name, value in sums.items() if not math.isfinite(value)]  # e.g. an evaluation env's return
+                    if bad_iteration != float("inf") or nonfinite_losses or nonfinite_sums:
+                        if bad_iteration != float("inf"):
+                            where = f"observation or reward at env step {(int(bad_iteration) + 1) * args.num_envs} (iteration {int(bad_iteration)})"
+                        elif nonfinite_losses:
+                            where = f"loss before env step {global_step}"
+                        else:
+                            where = f"statistic ({', '.join(nonfinite_sums)}) before env step {global_step}"
                         print(f"error: non-finite {where}; stopping, the last good checkpoint is {checkpoint_path}", file=sys.stderr)
                         exit_code = 1
                         break
                     mean_return, last_log, last_sums = log_progress(
-                        writer, coordinator, [actor_stats, v_stats, p_stats], last_log, last_sums, global_step,
-                        time.time() - start_time, mean_return, progress, args)
+                        writer, coordinator, sums, last_log, last_sums, global_step, time.time() - start_time, mean_return, progress, args)
                     if time.time() - last_save_time > args.save_interval and not out_of_budget:  # the end saves below
                         if not save_published_checkpoint(checkpoint_path, policy_mailbox, critic_mailbox, obs_normalizer, args, global_step):
                             print(f"error: non-finite weights at env step {global_step}; stopping, the last good checkpoint is"
@@ -1350,7 +1357,7 @@ def train(args, env, eval_env, devices):
                 # The loop ended while the actor waited for the learners (the time ran out, or Ctrl-C
                 # or SIGTERM came): the iterations since the last log are logged all the same.
                 mean_return, last_log, last_sums = log_progress(
-                    writer, coordinator, [actor_stats, v_stats, p_stats], last_log, last_sums, global_step,
+                    writer, coordinator, read_sums(actor_stats, v_stats, p_stats), last_log, last_sums, global_step,
                     time.time() - start_time, mean_return, progress, args)
     except BaseException as main_error:  # noqa: B036 -- stop the learners, save, then re-raise
         error = main_error
@@ -1398,10 +1405,14 @@ def train(args, env, eval_env, devices):
     return exit_code
 
 
-def log_progress(writer, coordinator, stats_dicts, last_log, last_sums, global_step, elapsed, mean_return, progress, args):
-    """Turn the roles' running sums into sums over the last interval, write them with the
-    achieved ratios, and return the new reference points."""
-    sums = {name: value.item() for stats in stats_dicts for name, value in stats.items()}
+def read_sums(*stats_dicts):
+    """The roles' running sums, copied to the host (a sync with each role's device)."""
+    return {name: value.item() for stats in stats_dicts for name, value in stats.items()}
+
+
+def log_progress(writer, coordinator, sums, last_log, last_sums, global_step, elapsed, mean_return, progress, args):
+    """Turn the roles' running sums (read from the device) into sums over the last interval, write
+    them with the achieved ratios, and return the new reference points."""
     with coordinator.lock:
         counts = {"iterations": coordinator.iterations, "v_updates": coordinator.v_updates, "p_updates": coordinator.p_updates}
     values = {name: value - last_sums.get(name, 0.0) for name, value in sums.items()}

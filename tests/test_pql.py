@@ -3,6 +3,7 @@ import copy
 import ctypes
 import glob
 import importlib
+import math
 import os
 import shutil
 import signal
@@ -706,6 +707,8 @@ def poison_env_step(env, poisoned, from_iteration, once):
                 next_obs = next_obs * float("nan")
             elif poisoned == "final_obs":  # as a physics blow-up that ends an episode would show
                 info = {**info, "final_obs": info["final_obs"].clone().index_fill_(0, torch.tensor([3]), float("nan"))}
+            elif poisoned == "episode_return":  # an evaluation env's episode that blew up
+                info = {**info, "episode_return": info["episode_return"].clone().index_fill_(0, torch.tensor([1]), float("nan"))}
             else:
                 reward = reward.clone().index_fill_(0, torch.tensor([5]), float("nan"))
         return next_obs, reward, terminated, truncated, info
@@ -722,12 +725,30 @@ def test_nonfinite_values_stop_at_their_step_and_keep_the_last_good_checkpoint(t
     monkeypatch.chdir(tmp_path)
     env = pql.envs.make_env("Pendulum", 8, device="cpu", seed=0)
     poison_env_step(env, poisoned, from_iteration=14, once=once)
-    args = make_args(num_envs=8, buffer_size=8000, warmup_iterations=20, log_interval=5, save_interval=1e-9, device="cpu")
+    args = make_args(num_envs=8, buffer_size=8000, warmup_iterations=20, log_interval=5, save_interval=1e-9, device="cpu",
+                     total_timesteps=8 * 30)
     assert pql.train(args, env, None, torch.device("cpu")) == 1
     err = capsys.readouterr().err
     assert "non-finite" in err and "env step 112 (iteration 13)" in err
     (checkpoint_path,) = glob.glob("runs/*/model.pt")
     assert torch.load(checkpoint_path, weights_only=False)["global_step"] == 10 * 8  # saved at iteration 10, not 15
+
+
+def test_a_nonfinite_statistic_stops_the_run_before_it_is_logged(tmp_path, monkeypatch, capsys):
+    """A NaN return from an evaluation env (its own simulator, the deterministic policy) at iteration 13
+    must stop the run at the next log, naming the statistic, instead of writing NaN to TensorBoard."""
+    monkeypatch.chdir(tmp_path)
+    env = pql.envs.make_env("Pendulum", 8, device="cpu", seed=0)
+    eval_env = pql.envs.make_env("Pendulum", 4, device="cpu", seed=10_000)
+    poison_env_step(eval_env, "episode_return", from_iteration=14, once=True)
+    args = make_args(num_envs=8, buffer_size=8000, warmup_iterations=20, log_interval=5, save_interval=1e-9, device="cpu",
+                     total_timesteps=8 * 30)
+    assert pql.train(args, env, eval_env, torch.device("cpu")) == 1
+    err = capsys.readouterr().err
+    assert "non-finite statistic (eval_return_sum) before env step 120" in err
+    (run_dir,) = glob.glob("runs/*")
+    assert torch.load(os.path.join(run_dir, "model.pt"), weights_only=False)["global_step"] == 10 * 8
+    assert all(math.isfinite(value) for series in read_scalars(run_dir).values() for _, value in series)
 
 
 @pytest.mark.parametrize("script", ["pql", "pql_threaded"])

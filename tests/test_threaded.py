@@ -1,6 +1,7 @@
 """pql_threaded.py: the roles in parallel on the CPU (threads without streams)."""
 import contextlib
 import glob
+import math
 import os
 import random
 import re
@@ -166,12 +167,29 @@ def test_a_nonfinite_final_observation_stops_the_run_at_its_step(tmp_path, monke
     env = pql_threaded.envs.make_env("Pendulum", 8, device=cpu, seed=0)
     poison_env_step(env, "final_obs", from_iteration=14, once=True)
     args = pql_threaded.Args(task="Pendulum", num_envs=8, hidden_dims=(16,), batch_size=32, buffer_size=8000, warmup_iterations=20,
-                             log_interval=5, save_interval=1e-9)
+                             log_interval=5, save_interval=1e-9, total_timesteps=8 * 30)
     assert pql_threaded.train(args, env, None, (cpu, cpu, cpu)) == 1
     err = capsys.readouterr().err
     assert "non-finite observation or reward at env step 112 (iteration 13)" in err
     (checkpoint_path,) = glob.glob("runs/*/model.pt")
     assert torch.load(checkpoint_path, weights_only=False)["global_step"] == 10 * 8
+
+
+def test_a_nonfinite_statistic_stops_the_run_before_it_is_logged(tmp_path, monkeypatch, capsys):
+    """As in pql.py: a NaN return from an evaluation env is named at the next log and never written;
+    the sums are checked as read, the values logged are the ones checked."""
+    monkeypatch.chdir(tmp_path)
+    cpu = torch.device("cpu")
+    env = pql_threaded.envs.make_env("Pendulum", 8, device=cpu, seed=0)
+    eval_env = pql_threaded.envs.make_env("Pendulum", 4, device=cpu, seed=10_000)
+    poison_env_step(eval_env, "episode_return", from_iteration=14, once=True)
+    args = pql_threaded.Args(task="Pendulum", num_envs=8, hidden_dims=(16,), batch_size=32, buffer_size=8000, warmup_iterations=20,
+                             log_interval=5, save_interval=1e-9, total_timesteps=8 * 30)
+    assert pql_threaded.train(args, env, eval_env, (cpu, cpu, cpu)) == 1
+    assert "non-finite statistic (eval_return_sum) before env step 120" in capsys.readouterr().err
+    (run_dir,) = glob.glob("runs/*")
+    assert torch.load(os.path.join(run_dir, "model.pt"), weights_only=False)["global_step"] == 10 * 8
+    assert all(math.isfinite(value) for series in read_scalars(run_dir).values() for _, value in series)
 
 
 def test_the_periodic_checkpoint_refuses_nonfinite_snapshots(tmp_path):
