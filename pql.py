@@ -888,13 +888,20 @@ def capture_cuda_graph(step, state, optimizer, device):
         # graphs captured on one stream would share it even when replayed concurrently.
         with torch.cuda.graph(graph, stream=side_stream):
             step()
-        with torch.no_grad():
-            for tensor, value in zip(state, saved):
-                tensor.copy_(value)
-            for param_state in optimizer.state.values():  # as before the first step: no moments, step 0
-                for value in param_state.values():
-                    value.zero_()
+        put_back(state, saved, optimizer)
     return graph.replay
+
+
+def put_back(state, saved, optimizer):
+    """Undo the calls that only prepared a step (recorded or compiled it): the tensors it changes
+    (`state`) get their `saved` values back, in place, and the optimizer is as before its first
+    step (no moments, step 0)."""
+    with torch.no_grad():
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)
+        for param_state in optimizer.state.values():
+            for value in param_state.values():
+                value.zero_()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1075,9 +1082,8 @@ def train(args, env, eval_env, device):
     return exit_code
 
 
-def main():
-    args = parse_args()
-    catch_stop_signals()
+def set_up_and_run(args):
+    """Check the input, build the envs, then train (or evaluate a checkpoint); returns the exit code."""
     # Everything that can be wrong with the input is checked here, before any work starts.
     try:
         validate_args(args)
@@ -1105,6 +1111,17 @@ def main():
         evaluate(args.eval_checkpoint, args.eval_episodes, device, args.seed)
         return 0
     return train(args, env, eval_env, device)
+
+
+def main():
+    args = parse_args()
+    catch_stop_signals()
+    try:
+        return set_up_and_run(args)
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM before the training loop (which only records them)
+        name, exit_code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
+        print(f"\ninterrupted ({name}) before training started: no checkpoint written", file=sys.stderr)
+        return exit_code
 
 
 if __name__ == "__main__":

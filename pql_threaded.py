@@ -901,13 +901,20 @@ def capture_cuda_graph(step, state, optimizer, device):
         # graphs captured on one stream would share it even when replayed concurrently.
         with torch.cuda.graph(graph, stream=side_stream):
             step()
-        with torch.no_grad():
-            for tensor, value in zip(state, saved):
-                tensor.copy_(value)
-            for param_state in optimizer.state.values():  # as before the first step: no moments, step 0
-                for value in param_state.values():
-                    value.zero_()
+        put_back(state, saved, optimizer)
     return graph.replay
+
+
+def put_back(state, saved, optimizer):
+    """Undo the calls that only prepared a step (recorded or compiled it): the tensors it changes
+    (`state`) get their `saved` values back, in place, and the optimizer is as before its first
+    step (no moments, step 0)."""
+    with torch.no_grad():
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)
+        for param_state in optimizer.state.values():
+            for value in param_state.values():
+                value.zero_()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1268,6 +1275,18 @@ def train(args, env, eval_env, devices):
         p_window.fill_(1)
         v_step = capture_cuda_graph(v_step, [*critic.parameters(), *critic_target.parameters(), *v_stats.values()], critic_optimizer, v_device)
         p_step = capture_cuda_graph(p_step, [*actor.parameters(), *p_stats.values()], actor_optimizer, p_device)
+    elif args.compile:
+        # Compiled here too, not on each learner's first update: a Ctrl-C or SIGTERM during a compile
+        # (a minute on a CPU) would find a learner that cannot stop within JOIN_TIMEOUT. Three calls,
+        # as for a recording (the optimizer's first step takes another path), then put back.
+        v_window.fill_(1)
+        p_window.fill_(1)
+        for step, state, optimizer in [(v_step, [*critic.parameters(), *critic_target.parameters(), *v_stats.values()], critic_optimizer),
+                                       (p_step, [*actor.parameters(), *p_stats.values()], actor_optimizer)]:
+            saved = [tensor.detach().clone() for tensor in state]
+            for _ in range(3):
+                step()
+            put_back(state, saved, optimizer)
 
     threads = [
         threading.Thread(target=run_role, name="v-learner", daemon=True, args=(
@@ -1277,6 +1296,7 @@ def train(args, env, eval_env, devices):
             coordinator, p_learner, shared_replay, p_window, p_draws, p_step, policy_critic, p_normalizer,
             policy_mailbox, critic_mailbox, normalizer_mailbox, actor, p_device, args)),
     ]
+    stop_signals_end_the_loop()  # from the learners' start on, a stop signal is recorded, and the actor's loop ends the run
     for thread in threads:
         thread.start()
 
@@ -1287,7 +1307,6 @@ def train(args, env, eval_env, devices):
     progress = progress_bar(args.total_timesteps)
     exit_code, iteration, error = 0, 0, None
     out_of_budget = False  # set by the iteration that reaches --total-timesteps or --max-time, or by Ctrl-C or SIGTERM
-    stop_signals_end_the_loop()
     try:
         with role_streams(actor_device, v_device, keep_default_stream=True):  # the envs' stream, as in pql.py
             obs = env.reset()
@@ -1446,9 +1465,8 @@ def resolve_role_devices(args, device):
     return tuple(device if name is None else resolve_device(name, flag) for flag, name in flags)
 
 
-def main():
-    args = parse_args()
-    catch_stop_signals()
+def set_up_and_run(args):
+    """Check the input, build the envs, then train (or evaluate a checkpoint); returns the exit code."""
     # Everything that can be wrong with the input is checked here, before any work starts.
     try:
         validate_args(args)
@@ -1483,6 +1501,17 @@ def main():
         evaluate(args.eval_checkpoint, args.eval_episodes, device, args.seed)
         return 0
     return train(args, env, eval_env, devices)
+
+
+def main():
+    args = parse_args()
+    catch_stop_signals()
+    try:
+        return set_up_and_run(args)
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM before the training loop (which only records them)
+        name, exit_code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
+        print(f"\ninterrupted ({name}) before training started: no checkpoint written", file=sys.stderr)
+        return exit_code
 
 
 if __name__ == "__main__":

@@ -9,9 +9,8 @@ The run is pql_threaded.py itself (--script, default the repository's), imported
 process with some of its functions wrapped in timers: nothing in its logic changes. Each role's
 window runs from the start of its loop to the stop of the run (the learners: their threads'
 bodies; the actor, the main thread: from its first coordination call to its call of
-Coordinator.stop), so recording CUDA graphs, and compiling with them, are left out (with --compile
-but no graphs, torch.compile compiles inside the loops, on their first calls); the warm-up
-iterations are in. For each role, the shares of its window:
+Coordinator.stop), so recording CUDA graphs and compiling (done before the threads start, with or
+without graphs) are left out; the warm-up iterations are in. For each role, the shares of its window:
 
   * waiting for its rule: inside Coordinator.wait_until, because the others have not done their
     share yet (the V-learner waits for data, the actor for the V-learner, ...);

@@ -800,6 +800,30 @@ def restore_default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.parametrize("script", ["pql", "pql_threaded"])
+@pytest.mark.parametrize("stop_signal, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_while_setting_up_exits_with_its_code_and_no_traceback(tmp_path, monkeypatch, capsys, script, stop_signal, exit_code):
+    """Ctrl-C or SIGTERM before the training loop (building the envs, which takes a minute for some
+    simulators; recording CUDA graphs; compiling) ends the run at once with the signal's exit code
+    (130, 143) and a one-line message, not a traceback."""
+    module = importlib.import_module(script)
+    monkeypatch.chdir(tmp_path)
+    real_make_env = module.envs.make_env
+
+    def make_env_interrupted(*args, **kwargs):
+        os.kill(os.getpid(), stop_signal)  # delivered here, in the main thread, as the env is built
+        return real_make_env(*args, **kwargs)
+
+    monkeypatch.setattr(module.envs, "make_env", make_env_interrupted)
+    try:
+        returncode, err = main_in_process(module, SMALL + ["--total-timesteps", "64"], monkeypatch, capsys)
+    except KeyboardInterrupt:  # SIGTERM's Terminated is one too; left to escape, it would stop pytest itself
+        pytest.fail("the stop signal escaped main() as an exception")
+    assert returncode == exit_code
+    assert f"interrupted ({stop_signal.name}) before training started: no checkpoint written" in err and "Traceback" not in err
+    assert not glob.glob("runs/*/model.pt")
+
+
 def interrupt_run(script, args, tmp_path, signal_to_send=signal.SIGINT):
     """Start a long run, send SIGINT (Ctrl-C) or another signal once it is training, and again every
     10 ms until its checkpoint is saved, as an impatient user does; return its exit code, stderr,

@@ -192,6 +192,38 @@ def test_a_nonfinite_statistic_stops_the_run_before_it_is_logged(tmp_path, monke
     assert all(math.isfinite(value) for series in read_scalars(run_dir).values() for _, value in series)
 
 
+def test_compile_compiles_in_the_main_thread_before_the_learners_start_and_leaves_no_trace(monkeypatch, tmp_path):
+    """With --compile (and no CUDA graphs: on the CPU) both learner steps are compiled before the
+    threads start, so that a stop signal never finds a learner inside a minute-long compile: the
+    learners' threads compile nothing (TorchDynamo's count of compiled graphs stays as it was when
+    they started), and the calls that compiled were put back (the networks, target and statistics as
+    they start in a run without --compile). The backend is "eager": TorchDynamo's capture, in seconds."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.chdir(tmp_path)
+    real_compile, real_start = torch.compile, threading.Thread.start
+    monkeypatch.setattr(torch, "compile", lambda function, **options: real_compile(function, backend="eager"))
+    at_start = {}
+
+    def start(thread):
+        if thread.name == "v-learner":  # the first learner to start: everything its thread will use, as it starts
+            role_args = thread._args
+            at_start["graphs"] = counters["stats"]["unique_graphs"]
+            at_start["weights"] = [tensor.detach().clone() for tensor in [*role_args[11].parameters(), *role_args[12].parameters()]]
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    cpu, starts = torch.device("cpu"), []
+    for compile_steps in [False, True]:
+        torch.manual_seed(0)
+        args = pql_threaded.Args(task="Pendulum", num_envs=8, hidden_dims=(16,), batch_size=32, buffer_size=4000, warmup_iterations=2,
+                                 total_timesteps=8 * 12, log_interval=50, eval_envs=0, compile=compile_steps, exp_name=f"c{compile_steps}")
+        assert pql_threaded.train(args, pql_threaded.envs.make_env("Pendulum", 8, device=cpu, seed=0), None, (cpu, cpu, cpu)) == 0
+        starts.append(dict(at_start))
+    assert counters["stats"]["unique_graphs"] == starts[1]["graphs"] > starts[0]["graphs"]  # compiled before, and only before
+    assert all(torch.equal(a, b) for a, b in zip(starts[0]["weights"], starts[1]["weights"]))  # critic and target as without --compile
+
+
 def test_the_periodic_checkpoint_refuses_nonfinite_snapshots(tmp_path):
     args = pql_threaded.Args(hidden_dims=(8,))
     cpu = torch.device("cpu")
