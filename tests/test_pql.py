@@ -815,10 +815,15 @@ def test_a_stop_signal_while_setting_up_exits_with_its_code_and_no_traceback(tmp
         return real_make_env(*args, **kwargs)
 
     monkeypatch.setattr(module.envs, "make_env", make_env_interrupted)
+    # A process started in the background (as CI may start pytest) has Ctrl-C ignored, and main() keeps
+    # that; a user's terminal does not: Python's own handler here, so that main() installs its own.
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         returncode, err = main_in_process(module, SMALL + ["--total-timesteps", "64"], monkeypatch, capsys)
     except KeyboardInterrupt:  # SIGTERM's Terminated is one too; left to escape, it would stop pytest itself
         pytest.fail("the stop signal escaped main() as an exception")
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     assert returncode == exit_code
     assert f"interrupted ({stop_signal.name}) before training started: no checkpoint written" in err and "Traceback" not in err
     assert not glob.glob("runs/*/model.pt")
