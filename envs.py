@@ -559,7 +559,12 @@ class IsaacGymEnv:
       the reset obs as next_obs. Its action is wasted.
     - Counting: after a reset step the task's progress counter is 0 and a time-out comes
       when it reaches max_episode_length - 1, so a timed-out episode has
-      max_episode_length - 1 valid transitions (plus the invalid reset step).
+      max_episode_length - 1 valid transitions (plus the invalid reset step). That holds for
+      tasks that reset in post_physics_step (Ant, Humanoid, ...). Tasks that reset in
+      pre_physics_step (ShadowHand, AllegroHand) reset first and then simulate the reset
+      step's (wasted) action and count it: their counter is 1 after it, a timed-out episode
+      has max_episode_length - 2 valid transitions, and the reset step's obs is the reset
+      state one physics step on. The flags above are right for both kinds.
     - reset() only returns the cached obs buffer; to get real reset obs we do what PQL's
       public code does: set reset_buf to 1 and step zero actions.
     - Isaac Gym seeds torch, numpy and random once in isaacgymenvs.make(seed=...);
