@@ -1048,7 +1048,8 @@ def train(args, env, eval_env, device):
             nonfinite_sums = [name for name, value in sums.items() if not math.isfinite(value)]  # e.g. an evaluation env's return
             if bad_iteration != float("inf") or nonfinite_sums:
                 if bad_iteration != float("inf"):
-                    where = f"observation, reward or loss at env step {(int(bad_iteration) + 1) * args.num_envs} (iteration {int(bad_iteration)})"
+                    bad_step = (int(bad_iteration) + 1) * args.num_envs
+                    where = f"observation, reward or loss at env step {bad_step} (iteration {int(bad_iteration)})"
                 else:
                     where = f"statistic ({', '.join(nonfinite_sums)}) before env step {global_step}"
                 print(f"error: non-finite {where}; stopping, the last good checkpoint is {checkpoint_path}", file=sys.stderr)

@@ -9,9 +9,10 @@ here they run in parallel, as in the paper:
   * the V-learner (a thread) trains the twin Q critic;
   * the P-learner (a thread) trains the policy.
 On a GPU each learner issues its work on its own CUDA stream and the actor on the default one
-(its simulator's), so the GPU runs their kernels concurrently; --actor-device, --v-learner-device and --p-learner-device spread the roles over
-several GPUs. The ratios (`v_updates_per_env_step`, `v_updates_per_p_update`) hold by counting:
-whichever role runs ahead waits. Networks pass between roles through locked snapshots.
+(its simulator's), so the GPU runs their kernels concurrently; --actor-device, --v-learner-device
+and --p-learner-device spread the roles over several GPUs. The ratios (`v_updates_per_env_step`,
+`v_updates_per_p_update`) hold by counting: whichever role runs ahead waits. Networks pass between
+roles through locked snapshots.
 
 Everything but the parallelism is line for line the same as in pql.py (no import from it: each
 script stands alone), so `diff pql.py pql_threaded.py` shows only what parallelism takes;
@@ -1355,7 +1356,8 @@ def train(args, env, eval_env, devices):
                     nonfinite_sums = [name for name, value in sums.items() if not math.isfinite(value)]  # e.g. an evaluation env's return
                     if bad_iteration != float("inf") or nonfinite_losses or nonfinite_sums:
                         if bad_iteration != float("inf"):
-                            where = f"observation or reward at env step {(int(bad_iteration) + 1) * args.num_envs} (iteration {int(bad_iteration)})"
+                            bad_step = (int(bad_iteration) + 1) * args.num_envs
+                            where = f"observation or reward at env step {bad_step} (iteration {int(bad_iteration)})"
                         elif nonfinite_losses:
                             where = f"loss before env step {global_step}"
                         else:
