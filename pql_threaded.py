@@ -1269,21 +1269,22 @@ def train(args, env, eval_env, devices):
     v_step = functools.partial(v_step, replay_buffer, v_window, v_draws, critic, critic_target, critic_optimizer, target_policy, v_normalizer,
                                v_stats, args)
     p_step = functools.partial(p_step, replay_buffer, p_window, p_draws, actor, actor_optimizer, policy_critic, p_normalizer, p_stats, args)
+    v_state = [*critic.parameters(), *critic_target.parameters(), *v_stats.values()]  # what each step changes
+    p_state = [*actor.parameters(), *p_stats.values()]
     if args.cuda_graphs:
         # Recorded before any data is in: the eager calls sample the newest row of env 0 (the
         # draws are still zeros; the row is zeros, not valid), then everything they changed is put back.
         v_window.fill_(1)
         p_window.fill_(1)
-        v_step = capture_cuda_graph(v_step, [*critic.parameters(), *critic_target.parameters(), *v_stats.values()], critic_optimizer, v_device)
-        p_step = capture_cuda_graph(p_step, [*actor.parameters(), *p_stats.values()], actor_optimizer, p_device)
+        v_step = capture_cuda_graph(v_step, v_state, critic_optimizer, v_device)
+        p_step = capture_cuda_graph(p_step, p_state, actor_optimizer, p_device)
     elif args.compile:
         # Compiled here too, not on each learner's first update: a Ctrl-C or SIGTERM during a compile
         # (a minute on a CPU) would find a learner that cannot stop within JOIN_TIMEOUT. Three calls,
         # as for a recording (the optimizer's first step takes another path), then put back.
         v_window.fill_(1)
         p_window.fill_(1)
-        for step, state, optimizer in [(v_step, [*critic.parameters(), *critic_target.parameters(), *v_stats.values()], critic_optimizer),
-                                       (p_step, [*actor.parameters(), *p_stats.values()], actor_optimizer)]:
+        for step, state, optimizer in [(v_step, v_state, critic_optimizer), (p_step, p_state, actor_optimizer)]:
             saved = [tensor.detach().clone() for tensor in state]
             for _ in range(3):
                 step()
