@@ -667,9 +667,9 @@ class PrivateTorchRng:
     (and numpy's and Python's) when built. Without this, building an eval env would reseed
     the trainer, and every draw of the trainer would shift the simulator's. With it, an
     MjlabEnv follows exactly the random stream of a standalone mjlab env with its seed.
-    (In pql_threaded.py a learner thread that draws while the actor is inside mjlab draws
-    from mjlab's stream instead of its own: no harm to learning, one more reason why the
-    threaded script does not reproduce a run bit for bit.)"""
+    The swap is not thread-safe: another thread drawing from the global generators meanwhile
+    would draw from mjlab's stream, and be rewound when the caller's is restored. So
+    pql_threaded.py's learner threads draw from generators of their own (RandomDraws)."""
 
     def __init__(self, device: torch.device):
         import numpy  # mjlab needs it anyway; envs.py itself does not

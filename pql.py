@@ -565,18 +565,19 @@ class RandomDraws:
     Drawn outside the update, so that the update itself draws nothing: replayed from a CUDA graph
     (--cuda-graphs) it then takes no state from the GPU's random generator, and in pql_threaded.py
     the two learners' graphs can run at the same time on their own streams (docs/gpu.md).
+    `generator`: a torch.Generator on `device` to draw from, or None for torch's global one.
     """
 
-    def __init__(self, batch_size, num_envs, noise_dim, device):
-        self.num_envs = num_envs
+    def __init__(self, batch_size, num_envs, noise_dim, device, generator=None):
+        self.num_envs, self.generator = num_envs, generator
         self.env_index = torch.zeros(batch_size, dtype=torch.long, device=device)  # uniform over the envs
         self.large_integer = torch.zeros(batch_size, dtype=torch.long, device=device)  # uniform in [0, 2^62): a row's age, modulo the rows
         self.target_noise = torch.zeros(batch_size, noise_dim, device=device)  # N(0, 1); noise_dim 0 for the P-learner
 
     def draw(self):
-        self.env_index.random_(0, self.num_envs)
-        self.large_integer.random_(0, 2**62)
-        self.target_noise.normal_()
+        self.env_index.random_(0, self.num_envs, generator=self.generator)
+        self.large_integer.random_(0, 2**62, generator=self.generator)
+        self.target_noise.normal_(generator=self.generator)
 
 
 # ---------------------------------------------------------------------------------------------

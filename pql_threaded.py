@@ -579,18 +579,19 @@ class RandomDraws:
     Drawn outside the update, so that the update itself draws nothing: replayed from a CUDA graph
     (--cuda-graphs) it then takes no state from the GPU's random generator, and in pql_threaded.py
     the two learners' graphs can run at the same time on their own streams (docs/gpu.md).
+    `generator`: a torch.Generator on `device` to draw from, or None for torch's global one.
     """
 
-    def __init__(self, batch_size, num_envs, noise_dim, device):
-        self.num_envs = num_envs
+    def __init__(self, batch_size, num_envs, noise_dim, device, generator=None):
+        self.num_envs, self.generator = num_envs, generator
         self.env_index = torch.zeros(batch_size, dtype=torch.long, device=device)  # uniform over the envs
         self.large_integer = torch.zeros(batch_size, dtype=torch.long, device=device)  # uniform in [0, 2^62): a row's age, modulo the rows
         self.target_noise = torch.zeros(batch_size, noise_dim, device=device)  # N(0, 1); noise_dim 0 for the P-learner
 
     def draw(self):
-        self.env_index.random_(0, self.num_envs)
-        self.large_integer.random_(0, 2**62)
-        self.target_noise.normal_()
+        self.env_index.random_(0, self.num_envs, generator=self.generator)
+        self.large_integer.random_(0, 2**62, generator=self.generator)
+        self.target_noise.normal_(generator=self.generator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1263,8 +1264,12 @@ def train(args, env, eval_env, devices):
     # its own stream: one graph launch per update, and the GIL is free in between. The graphs draw no
     # random numbers, so the two learners' replays can run at the same time.
     v_window, p_window = replay_buffer.new_window(), replay_buffer.new_window()
-    v_draws = RandomDraws(args.batch_size, args.num_envs, env.act_dim, v_device)
-    p_draws = RandomDraws(args.batch_size, args.num_envs, 0, v_device)  # sampling runs where the buffer is
+    # Each learner draws from a generator of its own, not torch's global one, which the actor's thread
+    # uses too: an env may swap it out around its calls (mjlab's, envs.PrivateTorchRng) and, restoring
+    # it, rewind a learner's draw made meanwhile, so that the next update would draw the same samples.
+    v_generator, p_generator = (torch.Generator(device=v_device).manual_seed(args.seed + offset) for offset in (1, 2))
+    v_draws = RandomDraws(args.batch_size, args.num_envs, env.act_dim, v_device, v_generator)
+    p_draws = RandomDraws(args.batch_size, args.num_envs, 0, v_device, p_generator)  # sampling runs where the buffer is
     v_step, p_step = (torch.compile(v_learner_step), torch.compile(p_learner_step)) if args.compile else (v_learner_step, p_learner_step)
     v_step = functools.partial(v_step, replay_buffer, v_window, v_draws, critic, critic_target, critic_optimizer, target_policy, v_normalizer,
                                v_stats, args)

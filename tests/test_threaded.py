@@ -356,6 +356,43 @@ def test_learners_draw_and_gather_their_samples_outside_the_lock(monkeypatch, tm
     assert len(lock_was_free) >= 40 and all(lock_was_free)  # V- and P-learner samples alike
 
 
+def test_the_learners_draw_from_generators_of_their_own(monkeypatch, tmp_path):
+    """The learners' random numbers (RandomDraws) come from generators of their own: an env that
+    reseeds torch's global generator at every step (mjlab's env swaps it out and back around each
+    call, envs.PrivateTorchRng) changes none of them. Drawn from the global generator, a learner's
+    draws would be rewound by such an env now and then, and an update would reuse a batch."""
+    monkeypatch.chdir(tmp_path)
+    real_draw, drawn = pql_threaded.RandomDraws.draw, []
+
+    def draw(draws):
+        real_draw(draws)
+        drawn.append((draws.target_noise.numel() > 0, draws.env_index.clone(), draws.large_integer.clone()))
+
+    monkeypatch.setattr(pql_threaded.RandomDraws, "draw", draw)
+    args = pql_threaded.Args(task="Pendulum", num_envs=4, hidden_dims=(8,), batch_size=16, buffer_size=400, warmup_iterations=2,
+                             total_timesteps=4 * 12, log_interval=50)
+    cpu = torch.device("cpu")
+    draws_by_learner = []
+    for reseeding_env in [False, True]:
+        env = pql_threaded.envs.make_env("Pendulum", 4, device=cpu, seed=0)
+        if reseeding_env:
+            def step(actions, real_step=env.step):
+                result = real_step(actions)
+                torch.manual_seed(0)
+                return result
+            env.step = step
+        drawn.clear()
+        torch.manual_seed(args.seed)
+        assert pql_threaded.train(args, env, None, (cpu, cpu, cpu)) == 0
+        draws_by_learner.append({learner: [sample for is_v, *sample in drawn if is_v == learner] for learner in (True, False)})
+    for learner in (True, False):  # V-learner, P-learner
+        plain, reseeded = (runs[learner] for runs in draws_by_learner)
+        common = min(len(plain), len(reseeded))
+        assert common >= 10
+        for (plain_envs, plain_rows), (reseeded_envs, reseeded_rows) in zip(plain[:common], reseeded[:common]):
+            assert torch.equal(plain_envs, reseeded_envs) and torch.equal(plain_rows, reseeded_rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # The CUDA paths on a CPU-only machine: a stand-in for torch.cuda that records what is asked of it
 # ---------------------------------------------------------------------------------------------
