@@ -27,6 +27,7 @@ Python 3.8 syntax and torch 2.0 APIs. Run `python envs.py` for a table of tasks.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -661,7 +662,8 @@ class IsaacGymEnv:
 
 class PrivateTorchRng:
     """A private copy of torch's global generator states (the CPU one and, once CUDA is
-    initialised, every GPU's), swapped in around every mjlab call with `with rng:`.
+    initialised, every GPU's), swapped in around every mjlab call with `with rng:`
+    (MjlabEnv.inside_mjlab).
 
     mjlab draws its resets, noise and events from torch's GLOBAL generator and reseeds it
     (and numpy's and Python's) when built. Without this, building an eval env would reseed
@@ -773,7 +775,7 @@ class MjlabEnv:
         if cfg_hook is not None:
             cfg_hook(cfg)
         self.rng = PrivateTorchRng(self.device)
-        with self.rng:
+        with self.inside_mjlab():
             self.env = ManagerBasedRlEnv(cfg, device=str(self.device))
         # reset() starts mjlab's random stream over from here, where a standalone env with this seed
         # starts its first reset (reseeding instead would reuse the numbers the build's
@@ -794,12 +796,25 @@ class MjlabEnv:
         self.running_return = torch.zeros(num_envs, dtype=torch.float32, device=self.device)
         self.running_length = torch.zeros(num_envs, dtype=torch.float32, device=self.device)
 
+    def inside_mjlab(self):
+        """The context of every call into mjlab: its own random stream (PrivateTorchRng) and, on
+        CUDA, the env's GPU as torch's current device. mjlab wraps Warp's stream in
+        torch.cuda.ExternalStream objects, which belong to whichever GPU is current when they are
+        made: with the env on another GPU (pql.py --device cuda:1 leaves cuda:0 current) they would
+        be tagged with the wrong one, and mjlab's writes into its buffers would not run on Warp's
+        stream as mjlab means them to."""
+        context = contextlib.ExitStack()
+        if self.device.type == "cuda":
+            context.enter_context(torch.cuda.device(self.device))
+        context.enter_context(self.rng)
+        return context
+
     def observe(self, obs_groups) -> torch.Tensor:
         return obs_groups[self.obs_group].to(device=self.device, dtype=torch.float32)
 
     def reset(self) -> torch.Tensor:
         self.rng.states = self.rng_after_build
-        with self.rng:
+        with self.inside_mjlab():
             obs_groups, _ = self.env.reset()
         self.running_return.zero_()
         self.running_length.zero_()
@@ -807,7 +822,7 @@ class MjlabEnv:
 
     def step(self, actions: torch.Tensor) -> StepResult:
         a = check_actions(self, actions, torch.float32) * self.action_scale
-        with self.rng:
+        with self.inside_mjlab():
             obs_groups, reward, terminated, truncated, _ = self.env.step(a)
             final_obs = self.observe(obs_groups)  # a fresh tensor (mjlab concatenates the terms)
             # mjlab reuses its reward and termination buffers: copy them.

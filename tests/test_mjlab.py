@@ -276,6 +276,52 @@ def test_finite_horizon_time_limit_is_a_termination():
     assert info["episode_length"].tolist() == [4.0, 4.0]
 
 
+class RecordingContext:
+    """Stands in for torch.cuda.device, and for an env's PrivateTorchRng: records what is entered."""
+
+    def __init__(self, entered, what):
+        self.entered, self.what = entered, what
+
+    def __enter__(self):
+        self.entered.append(self.what)
+
+    def __exit__(self, *exc):
+        self.entered.remove(self.what)
+
+
+def test_calls_into_mjlab_run_with_the_envs_gpu_current_and_its_own_random_stream(monkeypatch):
+    """With the env on cuda:1 while cuda:0 is current (pql.py --device cuda:1), mjlab must be
+    called with cuda:1 current (its ExternalStreams take the current GPU) and inside the env's
+    private random stream (MjlabEnv.inside_mjlab); reset and step call it only there. Without a GPU
+    or mjlab: the contexts are recorders, the inner mjlab env a stand-in that looks at them."""
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: RecordingContext(entered, device))
+    env = MjlabEnv.__new__(MjlabEnv)  # no mjlab here: the attributes reset and step use, by hand
+    env.device, env.rng = torch.device("cuda", 1), RecordingContext(entered, "rng")
+    with env.inside_mjlab():
+        assert entered == [torch.device("cuda", 1), "rng"]
+    assert entered == []
+
+    seen_by_mjlab = []
+
+    class StandIn:
+        def reset(self, env_ids=None):
+            seen_by_mjlab.append(list(entered))
+            return {"actor": torch.zeros(2, 3)}, {}
+
+        def step(self, actions):
+            seen_by_mjlab.append(list(entered))
+            return {"actor": torch.ones(2, 3)}, torch.ones(2), torch.tensor([True, False]), torch.zeros(2, dtype=torch.bool), {}
+
+    env.device, env.env, env.obs_group, env.num_envs, env.act_dim = torch.device("cpu"), StandIn(), "actor", 2, 1
+    env.action_scale, env.check_finite_actions, env.finite_horizon, env.rng_after_build = 1.0, True, False, None
+    env.running_return, env.running_length = torch.zeros(2), torch.zeros(2)
+    monkeypatch.setattr(MjlabEnv, "inside_mjlab", lambda self: RecordingContext(entered, "inside_mjlab"))
+    env.reset()
+    env.step(torch.zeros(2, 1))  # env 0 ends: mjlab's step, then its reset of env 0
+    assert seen_by_mjlab == [["inside_mjlab"]] * 3 and entered == []
+
+
 def test_missing_mjlab_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "mjlab", None)  # makes `import mjlab...` raise ImportError
     monkeypatch.setitem(sys.modules, "mjlab.tasks", None)
