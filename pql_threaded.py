@@ -1331,9 +1331,9 @@ def train(args, env, eval_env, devices):
                 if args.timeouts_as_terminal:
                     terminated = terminated | truncated
                 shared_replay.add(obs, actions, rewards * reward_scale, info["final_obs"], terminated, truncated, info["valid"])
-                # The statistics follow what the policy acts on: next_obs, a new episode's start where one ended.
-                # An ended episode's true last observation (final_obs, bootstrapped from) is not counted, nor
-                # the first reset's, which the policy never acts on either (one observation per episode).
+                # The statistics count what the policy acts on after each step: next_obs, a new episode's start
+                # where one ended; not an ended episode's true last observation (final_obs, only bootstrapped
+                # from), and not the first reset's observations (one batch).
                 obs_normalizer.update(next_obs)
                 obs = next_obs
                 global_step += args.num_envs
