@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -692,6 +693,22 @@ def test_bad_flags_fail_before_any_work_naming_the_flag(tmp_path, monkeypatch, c
     assert returncode == 2  # an exception instead would fail the test with its traceback
     assert message in err
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("script", ["pql", "pql_threaded"])
+@pytest.mark.parametrize("task, eval_envs, built", [
+    ("Pendulum", None, 4), ("gym:Hopper-v5", None, 4),  # evaluation envs by default
+    ("mjlab:Mjlab-Cartpole-Balance", None, 0), ("isaacgym:Ant", None, 0),  # none by default for the simulators
+    ("mjlab:Mjlab-Cartpole-Balance", 2, 2), ("Pendulum", 0, 0),  # the flag decides when given
+])
+def test_evaluation_envs_by_default_except_for_the_simulators(monkeypatch, script, task, eval_envs, built):
+    """A second mjlab simulator's step costs much of the training envs' (Isaac Gym allows only one):
+    by default the simulators' tasks run no evaluation envs. Checked without building any env."""
+    module = importlib.import_module(script)
+    made = []
+    monkeypatch.setattr(module.envs, "make_env", lambda task, num_envs, **kwargs: made.append((task, num_envs)) or types.SimpleNamespace())
+    eval_env = module.make_eval_env(module.Args(task=task, eval_envs=eval_envs), torch.device("cpu"))
+    assert made == ([(task, built)] if built else []) and (eval_env is None) == (built == 0)
 
 
 def poison_env_step(env, poisoned, from_iteration, once):
