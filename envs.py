@@ -736,7 +736,9 @@ class MjlabEnv:
     - Rewards are mjlab's, as its own training logs them: multiplied by the control step dt
       (0.05 s for the Cartpoles: at most 0.05 per step). pql.py's per-task reward scales
       account for that. `terminated` and `truncated` are mjlab's `terminated` and
-      `time_outs`; both can be True on one step. Tasks with `is_finite_horizon = True`
+      `time_outs`; both can be True on one step, a failure on the time limit's step, which
+      the trainers then do not bootstrap (Isaac Gym's adapter, told only that the episode
+      ended on its time limit, bootstraps it). Tasks with `is_finite_horizon = True`
       report their time-limit ends as terminations (as mjlab's own rsl_rl wrapper does).
     - Host syncs per step, which matter on CUDA: two in mjlab's step, one here (mjlab's
       reset needs the ids of the finished envs), plus the finite-action check; a step with
