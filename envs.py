@@ -798,6 +798,7 @@ class MjlabEnv:
         self.running_return = torch.zeros(num_envs, dtype=torch.float32, device=self.device)
         self.running_length = torch.zeros(num_envs, dtype=torch.float32, device=self.device)
 
+    @contextlib.contextmanager
     def inside_mjlab(self):
         """The context of every call into mjlab: its own random stream (PrivateTorchRng) and, on
         CUDA, the env's GPU as torch's current device. mjlab wraps Warp's stream in
@@ -805,11 +806,11 @@ class MjlabEnv:
         made: with the env on another GPU (pql.py --device cuda:1 leaves cuda:0 current) they would
         be tagged with the wrong one, and mjlab's writes into its buffers would not run on Warp's
         stream as mjlab means them to."""
-        context = contextlib.ExitStack()
-        if self.device.type == "cuda":
-            context.enter_context(torch.cuda.device(self.device))
-        context.enter_context(self.rng)
-        return context
+        with contextlib.ExitStack() as context:
+            if self.device.type == "cuda":
+                context.enter_context(torch.cuda.device(self.device))
+            context.enter_context(self.rng)
+            yield
 
     def observe(self, obs_groups) -> torch.Tensor:
         return obs_groups[self.obs_group].to(device=self.device, dtype=torch.float32)
@@ -848,7 +849,8 @@ class MjlabEnv:
         return next_obs, reward, terminated, truncated, info
 
     def close(self):
-        self.env.close()
+        with self.inside_mjlab():
+            self.env.close()
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The mjlab adapter (envs.MjlabEnv, `--task mjlab:<TaskId>`) against mjlab driven directly.
 
 Needs mjlab (`pip install -r requirements-mjlab.txt`, Python >= 3.10); without it these tests are
-skipped, except the one for the error that names the install command. The first run compiles
+skipped, except the one for the error that names the install command and the one with stand-ins
+for mjlab and torch.cuda (the context of every call into mjlab). The first run compiles
 Warp's kernels (about a minute on 2 cores; WARP_CACHE_PATH says where they are kept).
 
 Mjlab-Cartpole-Balance has 1000-step episodes and no failure condition, so the rollout test
