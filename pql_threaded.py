@@ -1270,6 +1270,7 @@ def train(args, env, eval_env, devices):
     # Each learner draws from a generator of its own, not torch's global one, which the actor's thread
     # uses too: an env may swap it out around its calls (mjlab's, envs.PrivateTorchRng) and, restoring
     # it, rewind a learner's draw made meanwhile, so that the next update would draw the same samples.
+    # Seeded apart from each other and from the global generator (args.seed).
     v_generator, p_generator = (torch.Generator(device=v_device).manual_seed(args.seed + offset) for offset in (1, 2))
     v_draws = RandomDraws(args.batch_size, args.num_envs, env.act_dim, v_device, v_generator)
     p_draws = RandomDraws(args.batch_size, args.num_envs, 0, v_device, p_generator)  # sampling runs where the buffer is

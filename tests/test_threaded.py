@@ -366,7 +366,7 @@ def test_the_learners_draw_from_generators_of_their_own(monkeypatch, tmp_path):
 
     def draw(draws):
         real_draw(draws)
-        drawn.append((draws.target_noise.numel() > 0, draws.env_index.clone(), draws.large_integer.clone()))
+        drawn.append((draws.target_noise.numel() > 0, draws.env_index.clone(), draws.large_integer.clone(), draws.target_noise.clone()))
 
     monkeypatch.setattr(pql_threaded.RandomDraws, "draw", draw)
     args = pql_threaded.Args(task="Pendulum", num_envs=4, hidden_dims=(8,), batch_size=16, buffer_size=400, warmup_iterations=2,
@@ -389,8 +389,8 @@ def test_the_learners_draw_from_generators_of_their_own(monkeypatch, tmp_path):
         plain, reseeded = (runs[learner] for runs in draws_by_learner)
         common = min(len(plain), len(reseeded))
         assert common >= 10
-        for (plain_envs, plain_rows), (reseeded_envs, reseeded_rows) in zip(plain[:common], reseeded[:common]):
-            assert torch.equal(plain_envs, reseeded_envs) and torch.equal(plain_rows, reseeded_rows)
+        for plain_draw, reseeded_draw in zip(plain[:common], reseeded[:common]):  # env indices, row ages, target noise
+            assert all(torch.equal(a, b) for a, b in zip(plain_draw, reseeded_draw))
 
 
 # ---------------------------------------------------------------------------------------------
