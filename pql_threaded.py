@@ -962,6 +962,7 @@ ACTOR_LEAD_ITERATIONS = 1  # the actor may run this many iterations ahead of the
 P_LAG_UPDATES = 2  # the V-learner waits when the P-learner falls this many P-updates behind
 MAX_UPDATES_IN_FLIGHT = 2  # a learner queues at most this many updates on its GPU stream
 JOIN_TIMEOUT = 5.0  # seconds a role gets to stop after the stop signal, before the process gives up on it
+GIL_SWITCH_INTERVAL = 0.0005  # seconds a thread that wants the GIL waits for one running Python (Python's default: 0.005)
 
 
 class Coordinator:
@@ -1515,7 +1516,15 @@ def set_up_and_run(args):
     if args.eval_checkpoint is not None:
         evaluate(args.eval_checkpoint, args.eval_episodes, device, args.seed)
         return 0
-    return train(args, env, eval_env, devices)
+    # The roles hand Python's GIL to each other around every torch call; a thread that wants it back
+    # while another runs Python waits up to the switch interval. A tenth of Python's default ran this
+    # script 3-7% faster in each setting measured, CPU and GPU (docs/gpu.md).
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    try:
+        return train(args, env, eval_env, devices)
+    finally:
+        sys.setswitchinterval(switch_interval)
 
 
 def main():

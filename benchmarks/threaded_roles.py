@@ -26,12 +26,12 @@ without graphs) are left out; the warm-up iterations are in. For each role, the 
     thread gave up its core: each GIL hand-off between threads is one.
 
 A role that waits for its rule most of the time is not the bottleneck; the one that does not is.
---switch-interval sets Python's GIL switch interval (default 5 ms: how long a thread that wants
-the GIL lets another run Python before it asks for it); --actor-priority gives the actor CUDA
-streams of its own at the highest priority this GPU offers (the learners' stay at 0, the lowest),
-so its kernels go first when the learners' fill the GPU (pql_threaded.py keeps the actor on the
-default stream, where a simulator's own GPU work is ordered with it: the experiment is for the
-built-in torch envs only). Both are experiments: pql_threaded.py sets neither.
+--switch-interval sets Python's GIL switch interval (how long a thread that wants the GIL lets
+another run Python before it asks for it; by default the script's own: pql_threaded.py sets 0.5 ms
+since 2026-11-27, Python's default is 5 ms); --actor-priority gives the actor CUDA streams of its
+own at the highest priority this GPU offers (the learners' stay at 0, the lowest), so its kernels go
+first when the learners' fill the GPU (pql_threaded.py keeps the actor on the default stream, where
+a simulator's own GPU work is ordered with it: an experiment for the built-in torch envs only).
 """
 import collections
 import contextlib
@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import tyro
 
@@ -56,8 +57,9 @@ class Args:
     """flags for pql_threaded.py, e.g. "--compile --bf16" (its defaults otherwise)"""
     script: str = os.path.join(REPO, "pql_threaded.py")
     """the pql_threaded.py to run (another copy of it, e.g. an older commit's, to compare)"""
-    switch_interval: float = 0.005
-    """Python's GIL switch interval in seconds (sys.setswitchinterval; Python's default 0.005)"""
+    switch_interval: Optional[float] = None
+    """Python's GIL switch interval in seconds during the run (sys.setswitchinterval); default: the script's own
+    (its GIL_SWITCH_INTERVAL, 0.0005 since 2026-11-27; Python's 0.005 for a script without one)"""
     actor_priority: bool = False
     """give the actor's CUDA streams the highest priority (no effect on the CPU)"""
 
@@ -119,8 +121,11 @@ class RoleClock:
 
 
 def run(args):
-    sys.setswitchinterval(args.switch_interval)
     pql_threaded = load_pql_threaded(args.script)
+    if args.switch_interval is None:
+        args.switch_interval = getattr(pql_threaded, "GIL_SWITCH_INTERVAL", sys.getswitchinterval())
+    pql_threaded.GIL_SWITCH_INTERVAL = args.switch_interval  # what the script's set_up_and_run sets
+    sys.setswitchinterval(args.switch_interval)  # for a script that sets none
     clock, coordinators = RoleClock(), []
     clock.wrap(pql_threaded.Coordinator, "wait_until", "rule")
     clock.wrap(pql_threaded.InFlightLimit, "mark", "gpu")
@@ -217,7 +222,7 @@ def main():
     if not os.path.isfile(args.script):
         print(f"error: --script {args.script}: no such file", file=sys.stderr)
         return 2
-    if not args.switch_interval > 0:
+    if args.switch_interval is not None and not args.switch_interval > 0:
         print(f"error: --switch-interval must be > 0 seconds, got {args.switch_interval}", file=sys.stderr)
         return 2
     return run(args)

@@ -393,6 +393,29 @@ def test_the_learners_draw_from_generators_of_their_own(monkeypatch, tmp_path):
             assert all(torch.equal(a, b) for a, b in zip(plain_draw, reseeded_draw))
 
 
+@pytest.mark.parametrize("train_fails", [False, True])
+def test_training_runs_with_a_short_gil_switch_interval_and_puts_it_back(monkeypatch, tmp_path, train_fails):
+    """The roles hand the GIL over around every torch call: the script shortens Python's switch
+    interval for its training (GIL_SWITCH_INTERVAL), and leaves the process as it found it, also
+    when training raises."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def train(*args):
+        seen.append(sys.getswitchinterval())
+        if train_fails:
+            raise RuntimeError("a failing run")
+        return 0
+
+    monkeypatch.setattr(pql_threaded, "train", train)
+    before = sys.getswitchinterval()
+    args = pql_threaded.Args(task="Pendulum", num_envs=4, hidden_dims=(8,), batch_size=16, buffer_size=400, device="cpu")
+    with pytest.raises(RuntimeError) if train_fails else contextlib.nullcontext():
+        assert pql_threaded.set_up_and_run(args) == 0
+    assert seen == [pytest.approx(pql_threaded.GIL_SWITCH_INTERVAL)] and pql_threaded.GIL_SWITCH_INTERVAL < before
+    assert sys.getswitchinterval() == before
+
+
 # ---------------------------------------------------------------------------------------------
 # The CUDA paths on a CPU-only machine: a stand-in for torch.cuda that records what is asked of it
 # ---------------------------------------------------------------------------------------------
