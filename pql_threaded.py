@@ -737,7 +737,7 @@ def explore(policy, obs_normalizer, obs, noise_stds):
 def make_eval_env(args, device):
     """A few envs of their own for the deterministic policy, stepped once per iteration beside the
     training envs: the training return mixes in exploration noise up to std 0.8, this one does not.
-    None by default for the simulators' tasks: Isaac Gym runs one simulator per process, and a second
+    No evaluation envs by default for the simulators' tasks: Isaac Gym runs one simulator per process, and a second
     mjlab simulator's step costs much of what the training envs' does, however few its envs (on a
     2-core CPU, Mjlab-Cartpole-Balance: 16 ms for 4 envs, 24 ms for 256)."""
     num_eval_envs = args.eval_envs if args.eval_envs is not None else (0 if args.task.startswith(("isaacgym:", "mjlab:")) else 4)
