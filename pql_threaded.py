@@ -237,6 +237,10 @@ def validate_args(args):
         (args.eval_envs is None or args.eval_envs >= 0, "--eval-envs must be >= 0"),
         (not (args.eval_envs and args.task.startswith("isaacgym:")),
          "--eval-envs must be 0 for isaacgym tasks: Isaac Gym runs one simulator per process"),
+        # torch.__version__ compares as a version, not as a string. Torch 2.4's compiler (TorchDynamo)
+        # guards on the gradients' identity and recompiles the updates at every step until its cache is
+        # full, then runs them uncompiled; 2.5 and later compile them once (docs/usage.md).
+        (not args.compile or torch.__version__ >= (2, 5), f"--compile needs torch 2.5 or newer (this is torch {torch.__version__})"),
     ]
     for ok, message in checks:
         if not ok:

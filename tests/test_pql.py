@@ -5,6 +5,7 @@ import glob
 import importlib
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -693,6 +694,28 @@ def test_bad_flags_fail_before_any_work_naming_the_flag(tmp_path, monkeypatch, c
     assert returncode == 2  # an exception instead would fail the test with its traceback
     assert message in err
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("script", ["pql", "pql_threaded"])
+def test_compile_needs_torch_2_5(tmp_path, monkeypatch, capsys, script):
+    """Torch 2.4's TorchDynamo recompiled the updates at every step until its cache was full (seen
+    with torch 2.4.1; 2.5.1, 2.6.0 and 2.13.0 compile them once): --compile is refused there before any
+    work, and the versions compare as versions (as strings, "2.13.0" would sort before "2.5")."""
+    from torch.torch_version import TorchVersion
+    module = importlib.import_module(script)
+    monkeypatch.chdir(tmp_path)
+    for version, accepted in [("2.4.1+cu121", False), ("2.0.1", False), ("2.5.1", True), ("2.13.0+cpu", True), ("10.0.0", True)]:
+        monkeypatch.setattr(torch, "__version__", TorchVersion(version))
+        args = module.parse_args(["--compile"])
+        if accepted:
+            module.validate_args(args)
+        else:
+            with pytest.raises(ValueError, match=f"--compile needs torch 2.5 or newer \\(this is torch {re.escape(version)}\\)"):
+                module.validate_args(args)
+        module.validate_args(module.parse_args([]))  # without --compile, any version
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.4.1"))
+    returncode, err = main_in_process(module, ["--device", "cpu", "--compile"], monkeypatch, capsys)
+    assert returncode == 2 and "--compile needs torch 2.5" in err and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("script", ["pql", "pql_threaded"])
