@@ -237,14 +237,20 @@ def validate_args(args):
         (args.eval_envs is None or args.eval_envs >= 0, "--eval-envs must be >= 0"),
         (not (args.eval_envs and args.task.startswith("isaacgym:")),
          "--eval-envs must be 0 for isaacgym tasks: Isaac Gym runs one simulator per process"),
-        # torch.__version__ compares as a version, not as a string. Torch 2.4's compiler (TorchDynamo)
-        # guards on the gradients' identity and recompiles the updates at every step until its cache is
-        # full, then runs them uncompiled; 2.5 and later compile them once (docs/usage.md).
-        (not args.compile or torch.__version__ >= (2, 5), f"--compile needs torch 2.5 or newer (this is torch {torch.__version__})"),
+        # Torch 2.4's compiler (TorchDynamo) guards on the gradients' identity and recompiles the updates
+        # at every step until its cache is full, then runs them uncompiled; 2.5 and later do not (docs/usage.md).
+        (not args.compile or torch_release() >= (2, 5), f"--compile needs torch 2.5 or newer (this is torch {torch.__version__})"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+def torch_release():
+    """(major, minor) of this torch, as numbers: "2.13.0+cpu" is (2, 13), after (2, 5), and a pre-release or
+    a vendor's build ("2.5.0a0+git...") counts as its release."""
+    major, minor = str(torch.__version__).split(".")[:2]
+    return int(major), int(minor)
 
 
 def resolve_device(name, flag="--device"):

@@ -192,6 +192,7 @@ def test_a_nonfinite_statistic_stops_the_run_before_it_is_logged(tmp_path, monke
     assert all(math.isfinite(value) for series in read_scalars(run_dir).values() for _, value in series)
 
 
+@pytest.mark.skipif(pql_threaded.torch_release() < (2, 5), reason="--compile needs torch 2.5 or newer")
 def test_compile_compiles_in_the_main_thread_before_the_learners_start_and_leaves_no_trace(monkeypatch, tmp_path):
     """With --compile (and no CUDA graphs: on the CPU) both learner steps are compiled before the
     threads start, so that a stop signal never finds a learner inside a minute-long compile: the
