@@ -200,6 +200,13 @@ def parse_args(argv=None):
     return tyro.cli(Args, args=argv, default=Args(**TASK_DEFAULTS.get(task, {})))
 
 
+def torch_release():
+    """(major, minor) of this torch, as numbers: "2.13.0+cpu" is (2, 13), after (2, 5), and a pre-release or
+    a vendor's build ("2.5.0a0+git...") counts as its release."""
+    major, minor = str(torch.__version__).split(".")[:2]
+    return int(major), int(minor)
+
+
 def validate_args(args):
     """Fail before any work starts, naming the flag and the allowed values."""
     checks = [
@@ -244,13 +251,6 @@ def validate_args(args):
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-
-
-def torch_release():
-    """(major, minor) of this torch, as numbers: "2.13.0+cpu" is (2, 13), after (2, 5), and a pre-release or
-    a vendor's build ("2.5.0a0+git...") counts as its release."""
-    major, minor = str(torch.__version__).split(".")[:2]
-    return int(major), int(minor)
 
 
 def resolve_device(name, flag="--device"):
