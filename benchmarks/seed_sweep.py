@@ -1,17 +1,19 @@
-"""Does PQL solve Pendulum on every seed? The solve rate of each variant over many seeds.
+"""Does PQL solve a task on every seed? The solve rate of each variant over many seeds.
 
-Trains each variant (a script and its flags) at the README's CPU quick-start settings (Pendulum,
-64 envs, networks 64-64, batch 1024, 100,000 env steps) for every seed, each run a Ray task that
-reserves the machine's cores (benchmarks/grid.py: one run at a time here, many at once on a
-cluster with --address), and prints one row per variant: seeds solved, env steps to solve
+Trains each variant (a script and its flags) at the README's CPU quick-start settings for every
+seed (by default Pendulum: 64 envs, networks 64-64, batch 1024, 100,000 env steps; --task picks
+another task, with the settings, budget and solved score solve_times.py gives it), each run a Ray
+task that reserves the machine's cores (benchmarks/grid.py: one run at a time here, many at once
+on a cluster with --address), and prints one row per variant: seeds solved, env steps to solve
 (median, quartiles, range), and the final return of the deterministic policy.
 
-A seed counts as solved when the deterministic policy of its final checkpoint scores at least -200
-over 20 episodes; its env steps to solve are where the policy itself first scored -200 during
-training (the deterministic policy on the scripts' evaluation envs, eval/episodic_return), or the
-budget if only the final evaluation did. The other tables in docs/results.md read "solved"
-from the training return, which mixes in exploration noise up to std 0.8 and can stay below -200
-while the policy scores -140; the table shows that count too, in its last column.
+A seed counts as solved when the deterministic policy of its final checkpoint scores at least the
+solved score (Pendulum -200) over 20 episodes; its env steps to solve are where the policy itself
+first scored that during training (the deterministic policy on the scripts' evaluation envs,
+eval/episodic_return), or the budget if only the final evaluation did. The other tables in
+docs/results.md read "solved" from the training return, which mixes in exploration noise up to
+std 0.8 and can stay below -200 while the policy scores -140; the table shows that count too, in
+its last column.
 
 Every finished run is appended to a results file, one JSON line per run, and runs already in it
 are skipped, so a sweep can be stopped and resumed over several sittings; commit the file to keep
@@ -21,6 +23,7 @@ the runs. A candidate change gets its own --label, so its rows stand beside the 
     python benchmarks/seed_sweep.py --variants pql.py --seeds 1 2 3
     python benchmarks/seed_sweep.py --label std-max-0.4 --extra="--std-max 0.4"
     python benchmarks/seed_sweep.py --no-run                 # only the table, from the results file
+    python benchmarks/seed_sweep.py --task CartpoleSwingup --variants pql.py --seeds 1 2 3
     python benchmarks/seed_sweep.py --address auto --cpus-per-run 2 --results /shared/seed_sweep.jsonl   # on a Ray cluster
 """
 import datetime
@@ -40,21 +43,22 @@ from typing import Optional, Tuple
 import tyro
 
 import grid
+from solve_times import TASKS  # each task's quick-start flags, env-step budget and solved score
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK_START = ["--task", "Pendulum", "--num-envs", "64", "--hidden-dims", "64", "64", "--batch-size", "1024"]
-SOLVED = -200.0
 EVAL_EPISODES = 20
 
 
 @dataclass
 class Args:
+    task: str = "Pendulum"
+    """task to train, at its CPU quick-start settings (solve_times.py): Pendulum, Reacher, CartpoleSwingup, or an mjlab Cartpole"""
     variants: Tuple[str, ...] = ("pql.py", "pql.py --distributional", "pql_threaded.py", "pql_threaded.py --distributional")
     """training scripts, each with its flags"""
     seeds: Tuple[int, ...] = tuple(range(1, 21))
     """seeds to run for every variant"""
-    budget: int = 100_000
-    """env steps per run, summed over the 64 envs"""
+    budget: Optional[int] = None
+    """env steps per run, summed over the envs; default: the task's in solve_times.py (Pendulum 100,000)"""
     label: str = "defaults"
     """name of the settings under test; runs with different labels are kept apart"""
     extra: str = ""
@@ -66,7 +70,7 @@ class Args:
     no_run: bool = False
     """print the table from the results file only"""
     quick: bool = False
-    """smoke test: one seed, one episode's budget (the test suite runs this with its own --results)"""
+    """smoke test: one seed, just past the first episode (the test suite runs this with its own --results)"""
     address: Optional[str] = None
     """Ray cluster to run on (`auto`: the one this node belongs to); default: a private instance on this machine (benchmarks/grid.py)"""
     cpus_per_run: Optional[float] = None
@@ -110,7 +114,7 @@ def run_one(variant, seed, args):
     """Train one seed in a temporary folder, evaluate its checkpoint, and return the result line.
     Runs as a Ray task (benchmarks/grid.py), on whichever node has room."""
     script, *variant_flags = variant.split()
-    command = [sys.executable, os.path.join(REPO, script), *QUICK_START, "--seed", str(seed), "--device", args.device,
+    command = [sys.executable, os.path.join(REPO, script), "--task", args.task, *TASKS[args.task]["flags"], "--seed", str(seed), "--device", args.device,
                "--total-timesteps", str(args.budget), *variant_flags, *shlex.split(args.extra)]
     run_root = tempfile.mkdtemp(prefix="seed_sweep_")
     training = grid.run_process(command, cwd=run_root)
@@ -127,36 +131,44 @@ def run_one(variant, seed, args):
     eval_returns = read_scalars(run_dir, "eval/episodic_return")
     sps = read_scalars(run_dir, "charts/SPS")
     shutil.rmtree(run_root)  # the result line keeps what the table needs
+    solved_score = TASKS[args.task]["solved"]
     return {
-        "label": args.label, "variant": variant, "seed": seed, "budget": args.budget, "device": args.device,
+        "task": args.task, "label": args.label, "variant": variant, "seed": seed, "budget": args.budget, "device": args.device,
         "command": " ".join(command[1:]).replace(REPO + "/", ""),
-        "steps_to_solve": first_step_at_or_above(train_returns, SOLVED),
+        "steps_to_solve": first_step_at_or_above(train_returns, solved_score),
         "final_training_return": train_returns[-1][1] if train_returns else None,
-        "deterministic_steps_to_solve": first_step_at_or_above(eval_returns, SOLVED),
+        "deterministic_steps_to_solve": first_step_at_or_above(eval_returns, solved_score),
         "deterministic_return": float(evaluation.stdout.split("mean return ")[1].split()[0]),
         "env_steps_per_s": sps[-1][1] if sps else None,
         "date": str(datetime.date.today()), "machine": machine(), "commit": code_version(),
     }
 
 
+def task_of(result):
+    return result.get("task", "Pendulum")  # the runs from before --task are all Pendulum's
+
+
 def solved(result):
-    """The deterministic policy of the final checkpoint scores at least -200 over 20 episodes."""
-    return result["deterministic_return"] >= SOLVED
+    """The deterministic policy of the final checkpoint scores at least the solved score over 20 episodes."""
+    return result["deterministic_return"] >= TASKS[task_of(result)]["solved"]
 
 
 def steps_to_solve(result):
-    """Where the policy itself first scored -200 during training (eval/episodic_return, a mean over
-    the 4 evaluation envs' episodes, logged as they end, every 200 iterations); if it never did
-    there, the budget, when the final checkpoint's 20-episode evaluation does."""
+    """Where the policy itself first scored the solved score during training (eval/episodic_return, a
+    mean over the 4 evaluation envs' episodes, logged as they end); if it never did there, the
+    budget, when the final checkpoint's 20-episode evaluation does."""
     if result["deterministic_steps_to_solve"] is not None:
         return result["deterministic_steps_to_solve"]
     return result["budget"] if solved(result) else None
 
 
 def table(results):
-    """One Markdown row per (label, variant, budget); each variant's labels side by side."""
-    lines = ["| label | variant | seeds solved | env steps to solve: median [quartiles] (range) | final deterministic return:"
-             " median (worst) | seeds not solved | training return reached -200 |", "|---|---|---|---|---|---|---|"]
+    """One Markdown row per (label, variant, budget); each variant's labels side by side. The runs
+    are of one task."""
+    solved_score = TASKS[task_of(results[0])]["solved"]
+    header = ("| label | variant | seeds solved | env steps to solve: median [quartiles] (range) | final deterministic return:"
+              f" median (worst) | seeds not solved | training return reached {solved_score:g} |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
     groups = {}
     for result in results:
         groups.setdefault((result["label"], result["variant"], result["budget"]), []).append(result)
@@ -182,10 +194,18 @@ def table(results):
 
 def main():
     args = tyro.cli(Args)
+    if args.task not in TASKS:
+        print(f"error: --task must be one of {', '.join(TASKS)}; got {args.task!r}", file=sys.stderr)
+        return 2
     if args.quick:
-        args.seeds, args.budget = args.seeds[:1], 64 * 201  # just past the first episode end
-    if args.budget < 64 or not args.seeds or not args.variants:
-        print("error: --budget must be >= 64 (one step of the 64 envs), and --seeds and --variants must not be empty", file=sys.stderr)
+        args.seeds, args.budget = args.seeds[:1], TASKS[args.task]["quick"]  # just past the first episode end
+    elif args.budget is None:
+        args.budget = TASKS[args.task]["budget"]
+    flags = TASKS[args.task]["flags"]
+    num_envs = int(flags[flags.index("--num-envs") + 1])
+    if args.budget < num_envs or not args.seeds or not args.variants:
+        print(f"error: --budget must be >= {num_envs} (one step of the {num_envs} envs), and --seeds and --variants must not be empty",
+              file=sys.stderr)
         return 2
     results = []
     if os.path.exists(args.results):
@@ -193,9 +213,9 @@ def main():
             results = [json.loads(line) for line in f if line.strip()]
     if not args.no_run:
         os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-        done = {(r["label"], r["variant"], r["seed"], r["budget"], r["device"]) for r in results}
+        done = {(task_of(r), r["label"], r["variant"], r["seed"], r["budget"], r["device"]) for r in results}
         jobs = [((variant, seed), run_one, (variant, seed, args)) for variant in args.variants for seed in args.seeds
-                if (args.label, variant, seed, args.budget, args.device) not in done]
+                if (args.task, args.label, variant, seed, args.budget, args.device) not in done]
 
         def record(key, result):  # in this process, as each run ends: the results file has one writer
             results.append(result)
@@ -205,13 +225,13 @@ def main():
                   f" deterministic return {result['deterministic_return']:.1f}", flush=True)
 
         grid.run_grid(jobs, args.address, args.cpus_per_run, args.gpus_per_run, args.device, on_done=record)
-    shown = [r for r in results if r["budget"] == args.budget and r["device"] == args.device]
+    shown = [r for r in results if task_of(r) == args.task and r["budget"] == args.budget and r["device"] == args.device]
     if not shown:
-        print(f"error: no runs in {args.results} for --budget {args.budget} --device {args.device}; run without --no-run first",
-              file=sys.stderr)
+        print(f"error: no runs in {args.results} for --task {args.task} --budget {args.budget} --device {args.device};"
+              " run without --no-run first", file=sys.stderr)
         return 2
     results_path = os.path.relpath(args.results, REPO) if os.path.abspath(args.results).startswith(REPO + os.sep) else args.results
-    print(f"\nPendulum at the CPU quick-start settings, {args.budget:,} env steps; runs from {results_path}"
+    print(f"\n{args.task} at the CPU quick-start settings, {args.budget:,} env steps; runs from {results_path}"
           f" (dates {min(r['date'] for r in shown)} to {max(r['date'] for r in shown)}; {shown[-1]['machine']})\n")
     print(table(shown))
     return 0

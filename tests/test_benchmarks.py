@@ -172,7 +172,7 @@ def test_seed_sweep_quick_records_each_run_once_and_resumes(tmp_path):
     assert "| 0/1 |" in row or "| 1/1 |" in row, out  # one seed, solved or not, with its deterministic return
     (line,) = results.read_text().splitlines()
     run = json.loads(line)
-    assert run["seed"] == 1 and run["budget"] == 64 * 201 and -2000 < run["deterministic_return"] < 0
+    assert run["task"] == "Pendulum" and run["seed"] == 1 and run["budget"] == 64 * 210 and -2000 < run["deterministic_return"] < 0
     again = run_script("seed_sweep.py", *tiny)
     assert "# defaults" not in again and len(results.read_text().splitlines()) == 1  # resumed: nothing ran twice
     assert table_rows(again, "defaults | `pql.py` |") == [row]
@@ -233,6 +233,32 @@ def test_seed_sweep_table_counts_a_seed_solved_only_if_its_deterministic_policy_
     assert "| 4/6 | 65 [52, 78] (30 to 100) |" in row and "| 3 (-250), 4 (-800) |" in row
     assert "| -185.0 (-800.0) |" in row  # median and worst final deterministic return, over all six
     assert row.endswith("| 4/6, median 65 |")  # the training-return criterion: seeds 1, 3, 5, 6
+
+
+def test_seed_sweep_judges_each_task_by_its_own_solved_score(tmp_path, monkeypatch, capsys):
+    from seed_sweep import main, table
+
+    def run(seed, training_steps, final, task="CartpoleSwingup"):
+        return dict(task=task, label="x", variant="pql.py", budget=300, seed=seed, steps_to_solve=training_steps,
+                    deterministic_steps_to_solve=None, deterministic_return=final)
+
+    # CartpoleSwingup is solved at 700 (solve_times.py): 750 counts, 650 does not (both would at Pendulum's -200).
+    rows = table([run(1, None, 750.0), run(2, 200, 650.0)])
+    assert "training return reached 700 |" in rows.splitlines()[0]
+    (row,) = [line for line in rows.splitlines() if line.startswith("| x |")]
+    assert "| 1/2 | 300 |" in row and "| 2 (650) |" in row and row.endswith("| 1/2, median 200 |")
+    # A results file with runs of two tasks: --no-run shows the asked task's runs only.
+    results = tmp_path / "sweep.jsonl"
+    others = [run(1, None, -150.0, task="Pendulum"), run(3, None, -150.0, task="Reacher")]
+    results.write_text("".join(json.dumps(dict(r, device="cpu", date="2026-11-27", machine="m")) + "\n" for r in [run(1, None, 750.0), *others]))
+    monkeypatch.setattr(sys, "argv", ["seed_sweep.py", "--task", "CartpoleSwingup", "--budget", "300", "--no-run", "--results", str(results)])
+    assert main() == 0
+    out = capsys.readouterr().out
+    assert "CartpoleSwingup at the CPU quick-start settings, 300 env steps" in out
+    assert [line for line in out.splitlines() if line.startswith("| x |")] == [table([run(1, None, 750.0)]).splitlines()[2]]
+    monkeypatch.setattr(sys, "argv", ["seed_sweep.py", "--task", "Cartpole", "--results", str(results)])
+    assert main() == 2  # an unknown task is refused, before any run
+    assert "--task must be one of Pendulum, Reacher, CartpoleSwingup" in capsys.readouterr().err
 
 
 
