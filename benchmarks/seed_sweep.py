@@ -52,7 +52,8 @@ EVAL_EPISODES = 20
 @dataclass
 class Args:
     task: str = "Pendulum"
-    """task to train, at its CPU quick-start settings (solve_times.py): Pendulum, Reacher, CartpoleSwingup, or an mjlab Cartpole"""
+    """task to train, at its CPU quick-start settings (solve_times.py): Pendulum, Reacher, CartpoleSwingup, or an mjlab Cartpole
+    (which runs no evaluation envs, so its env steps to solve are the budget wherever its final policy solves it)"""
     variants: Tuple[str, ...] = ("pql.py", "pql.py --distributional", "pql_threaded.py", "pql_threaded.py --distributional")
     """training scripts, each with its flags"""
     seeds: Tuple[int, ...] = tuple(range(1, 21))

@@ -247,19 +247,37 @@ def test_seed_sweep_judges_each_task_by_its_own_solved_score(tmp_path, monkeypat
     assert "training return reached 700 |" in rows.splitlines()[0]
     (row,) = [line for line in rows.splitlines() if line.startswith("| x |")]
     assert "| 1/2 | 300 |" in row and "| 2 (650) |" in row and row.endswith("| 1/2, median 200 |")
-    # A results file with runs of two tasks: --no-run shows the asked task's runs only.
+    # A results file with runs of three tasks at their default budgets, the Pendulum run written before
+    # --task existed (no "task" key). --no-run shows the asked task's runs only, at its default budget.
     results = tmp_path / "sweep.jsonl"
-    others = [run(1, None, -150.0, task="Pendulum"), run(3, None, -150.0, task="Reacher")]
-    results.write_text("".join(json.dumps(dict(r, device="cpu", date="2026-11-27", machine="m")) + "\n" for r in [run(1, None, 750.0), *others]))
-    monkeypatch.setattr(sys, "argv", ["seed_sweep.py", "--task", "CartpoleSwingup", "--budget", "300", "--no-run", "--results", str(results)])
-    assert main() == 0
-    out = capsys.readouterr().out
-    assert "CartpoleSwingup at the CPU quick-start settings, 300 env steps" in out
-    assert [line for line in out.splitlines() if line.startswith("| x |")] == [table([run(1, None, 750.0)]).splitlines()[2]]
+    pendulum = {k: v for k, v in run(1, None, -150.0).items() if k != "task"}
+    lines = [dict(run(1, None, 750.0), budget=300_000), dict(pendulum, budget=100_000), dict(run(3, None, -6.0, task="Reacher"), budget=100_000)]
+    results.write_text("".join(json.dumps(dict(r, device="cpu", date="2026-11-27", machine="m")) + "\n" for r in lines))
+
+    def shown_rows(task):
+        monkeypatch.setattr(sys, "argv", ["seed_sweep.py", "--task", task, "--no-run", "--results", str(results)])
+        assert main() == 0
+        out = capsys.readouterr().out
+        return out, [line for line in out.splitlines() if line.startswith("| x |")]
+
+    out, rows = shown_rows("CartpoleSwingup")
+    assert "CartpoleSwingup at the CPU quick-start settings, 300,000 env steps" in out and len(rows) == 1 and "| 1/1 | 300,000 |" in rows[0]
+    out, rows = shown_rows("Pendulum")
+    assert "Pendulum at the CPU quick-start settings, 100,000 env steps" in out and len(rows) == 1 and "| -150.0 (-150.0) |" in rows[0]
+    out, rows = shown_rows("Reacher")
+    assert len(rows) == 1 and "| -6.0 (-6.0) |" in rows[0]
+    # Resuming skips a task's own finished runs only: Reacher's seed 3 is done, seed 1 is not (Pendulum's is).
+    import seed_sweep
+
+    asked = []
+    monkeypatch.setattr(seed_sweep.grid, "run_grid", lambda jobs, *args, **kwargs: asked.extend(key for key, _, _ in jobs) or {})
+    monkeypatch.setattr(sys, "argv", ["seed_sweep.py", "--task", "Reacher", "--variants", "pql.py", "--seeds", "1", "3", "--label", "x",
+                                      "--results", str(results)])
+    assert main() == 0 and asked == [("pql.py", 1)]
+    capsys.readouterr()
     monkeypatch.setattr(sys, "argv", ["seed_sweep.py", "--task", "Cartpole", "--results", str(results)])
     assert main() == 2  # an unknown task is refused, before any run
     assert "--task must be one of Pendulum, Reacher, CartpoleSwingup" in capsys.readouterr().err
-
 
 
 def write_pendulum_checkpoint(path, action_bias, critic_slope):
