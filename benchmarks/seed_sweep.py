@@ -43,7 +43,7 @@ from typing import Optional, Tuple
 import tyro
 
 import grid
-from solve_times import TASKS  # each task's quick-start flags, env-step budget and solved score
+from solve_times import TASKS, read_scalars  # TASKS: each task's quick-start flags, env-step budget and solved score
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_EPISODES = 20
@@ -98,13 +98,6 @@ def code_version():
     except OSError:
         return None
     return (commit + "+changes" if changed else commit) or None
-
-
-def read_scalars(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-    events.Reload()
-    return [(s.step, s.value) for s in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
 
 
 def first_step_at_or_above(points, score):
