@@ -9,26 +9,37 @@ a GPU, an actor that spends most of its loop on a CPU outside the calls it times
 switches per iteration in each thread. This script looks at that CPU time from outside: it starts
 the script (--script, default pql_threaded.py) with --flags, waits until training starts (the
 progress bar's first frame: compiling and recording CUDA graphs come before it), then lets py-spy
-sample every thread's stack, Python and native frames, for --seconds, stops the run (SIGTERM: it
-saves a checkpoint and exits; its runs/ folder is named thread_stacks), and sorts each sample by
-its innermost frames into one of:
+sample every Python thread's stack, Python and native frames, for --seconds, stops the run
+(SIGTERM: it saves a checkpoint and exits; its runs/ folder is named thread_stacks), and sorts each
+sample by its innermost frames into one of:
 
-  * taking the GIL back: in a C++ call that waits on a libc lock or condition to retake the GIL (a
-    torch call returning, or torch touching a Python object);
-  * a Python lock or condition: threading's locks, events and conditions (a role waiting for
+  * the GIL: waiting on a libc lock or condition for Python's GIL, to take it back (a torch call
+    returning, torch touching a Python object, a Python lock just acquired) or to hand it over;
+  * a Python lock or condition: in threading's locks, events and conditions (a role waiting for
     another, the replay lock);
-  * waiting for the GPU: in libcuda under a CUDA synchronize call;
-  * CUDA driver, on a lock: in libcuda, waiting on a libc lock or condition (threads that launch
-    into one CUDA context at once take turns on the driver's locks);
-  * CUDA runtime or driver: any other time in libcuda (launches, copies, events);
-  * torch's C++: libtorch and libc10 (on a GPU: dispatching kernels; on a CPU the kernels too);
-  * Python: the interpreter, running the scripts' Python or its own work (garbage collection);
-  * other: anything else (libc, OpenMP's thread pool, ...).
+  * waiting for the GPU: in a CUDA synchronize call;
+  * CUDA driver, on a lock: in a CUDA library or the driver, waiting on a libc lock or condition
+    (threads that launch into one CUDA context at once take turns on the driver's locks; a launch
+    into a full queue, or a copy from pageable memory, may wait here or in the next column too);
+  * CUDA: any other time in the CUDA runtime, cuBLAS or the driver (launches, copies, events);
+  * torch's C++, waiting: torch's own locks and conditions (the caching allocator's, autograd's
+    engine waiting for its device threads);
+  * torch's C++: the rest of libtorch and libc10 (on a GPU: dispatching kernels; on a CPU the kernels
+    too, OpenMP's parallel regions included), malloc and memcpy in it included;
+  * Python: the interpreter, running the scripts' Python;
+  * other: anything else; the innermost named frames of these samples are listed under the table.
+
+How the GIL shows: py-spy keeps few of CPython's own native frames (no take_gil, no
+PyEval_RestoreThread), so a wait for the GIL is a libc wait right under a Python frame, under
+torch's Python bindings (libtorch_python), or under a libpython frame other than the one that waits
+for a Python lock (PyThread_acquire_lock_timed).
 
 And, for each thread, the lines of the script where its samples were, innermost frame of the
-script in each stack. py-spy is not a dependency of pql: `pip install py-spy` (a binary wheel; on a
-machine without the internet, carry the wheel). It needs to read the training process's memory
-(ptrace); as root, or with kernel.yama.ptrace_scope 0, that is allowed.
+script in each stack. Not sampled: threads without Python (torch's autograd device threads, the CUDA
+driver's own). py-spy stops the process for each native sample, so the run is slower while sampled:
+read the shares, not the speed. py-spy is not a dependency of pql: `pip install py-spy` (a binary
+wheel; on a machine without the internet, carry the wheel). It reads the training process's memory
+(ptrace): allowed as root with CAP_SYS_PTRACE, or with kernel.yama.ptrace_scope 0.
 """
 import collections
 import os
@@ -43,24 +54,29 @@ from typing import Optional
 
 import tyro
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CATEGORIES = ("taking the GIL back", "a Python lock or condition", "waiting for the GPU", "CUDA driver, on a lock",
-              "CUDA runtime or driver", "torch's C++", "Python", "other")
-LIBC_WAITS = re.compile(r"^(pthread_cond_(timed)?wait|pthread_mutex_lock|__lll_lock_wait|futex|sem_(timed)?wait|__futex)")
-PYTHON_LOCKS = re.compile(r"PyThread_acquire_lock|lock_PyThread_acquire_lock|acquire_timed|rlock_acquire")
-GIL_TAKERS = re.compile(r"take_gil|PyEval_RestoreThread|PyEval_AcquireThread|PyGILState_Ensure|gil_scoped_acquire")
+CATEGORIES = ("the GIL", "a Python lock or condition", "waiting for the GPU", "CUDA driver, on a lock", "CUDA",
+              "torch's C++, waiting", "torch's C++", "Python", "other")
+LIBC_WAITS = re.compile(r"^(pthread_cond_(timed|clock)?wait|pthread_mutex_(timed)?lock|pthread_rwlock_\w*lock|__lll_lock_wait\w*|"
+                        r"futex\w*|__futex\w*|sem_(timed|clock)?wait|sched_yield|syscall|nanosleep|clock_nanosleep)$")
+PYTHON_LOCK_WAIT = "PyThread_acquire_lock_timed"  # the one libpython frame py-spy shows under a wait for a Python lock
+# libc and its kin (malloc, memcpy, ...) and OpenMP (whose threads run torch's CPU kernels): their caller decides
+SYSTEM_LIBRARIES = re.compile(r"^(libc|libstdc\+\+|ld-linux|libgcc|libm|libpthread|libgomp|libiomp5)[.-]")
+CUDA_LIBRARIES = re.compile(r"^(libcuda\.so|libcudart|libcublas)")
+TRAINING_STARTED = re.compile(r"(?<![0-9])0%\|.*step")  # the progress bar's first frame: "  0%|   | 0.00/12.0M [00:00<?, ?step/s]"
 
 
 @dataclass
 class Args:
     flags: str = ""
     """flags for the training script, as one string"""
-    script: str = os.path.join(REPO, "pql_threaded.py")
+    script: str = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pql_threaded.py")
     """the training script to run and sample"""
     seconds: float = 10.0
     """how long py-spy samples, from the start of training"""
     rate: int = 200
     """samples per second and thread"""
+    start_timeout: float = 900.0
+    """seconds to wait for training to start (imports, compiling, recording CUDA graphs) before giving up"""
     read: Optional[str] = None
     """sort the stacks of this file (py-spy's --format raw) instead of running anything"""
     out: str = "thread_stacks.txt"
@@ -71,7 +87,7 @@ class Args:
 
 def parse_frame(frame):
     """'name (file:line)' or 'name (library)' or '0x7f.. (library)' -> (name, where); name '' when unknown."""
-    match = re.match(r"^(.*?) \(([^()]*)\)$", frame)
+    match = re.match(r"^(.*) \(([^()]*)\)$", frame)
     name, where = (match.group(1), match.group(2)) if match else (frame, "")
     return ("" if name.startswith("0x") else name), where
 
@@ -81,26 +97,24 @@ def category(frames):
     innermost_python = max((i for i, (_, where) in enumerate(frames) if ".py:" in where), default=-1)
     native = frames[innermost_python + 1:]  # the native frames below the innermost Python frame
     named = [(name, where) for name, where in native if name]  # libraries' unexported functions have no name
-    waits_on_libc = bool(named) and bool(LIBC_WAITS.match(named[-1][0]))
-    if any("libcuda" in where for _, where in native):
+    waits = bool(named) and bool(LIBC_WAITS.match(named[-1][0]))
+    if any(CUDA_LIBRARIES.match(where) for _, where in native):
         if any("Synchronize" in name for name, _ in named):
             return "waiting for the GPU"
-        return "CUDA driver, on a lock" if waits_on_libc else "CUDA runtime or driver"
-    if not named:
-        return "Python" if all("libpython" in where for _, where in native) else "other"
-    callers = [(name, where) for name, where in named if not LIBC_WAITS.match(name)]
-    caller_name, caller_where = callers[-1] if callers else ("", "")  # the innermost caller of a libc wait
-    if PYTHON_LOCKS.search(caller_name):
+        return "CUDA driver, on a lock" if waits else "CUDA"
+    callers = [(name, where) for name, where in named if not SYSTEM_LIBRARIES.match(where)]
+    caller_name, caller_where = callers[-1] if callers else ("", "")  # the innermost frame outside libc and its kin
+    if caller_name == PYTHON_LOCK_WAIT:
         return "a Python lock or condition"
-    if waits_on_libc or GIL_TAKERS.search(caller_name):
-        if GIL_TAKERS.search(caller_name) or re.search(r"libpython|libtorch_python", caller_where):
-            return "taking the GIL back"
-        return "other"
-    if re.search(r"libtorch|libc10", named[-1][1]):
+    if waits:
+        if not callers or re.match(r"libpython|libtorch_python", caller_where):
+            return "the GIL"  # see the module docstring: how the GIL shows
+        return "torch's C++, waiting" if re.match(r"libtorch|libc10", caller_where) else "other"
+    if not callers:  # a Python frame at the bottom, or only libc's frames under it
+        return "Python" if all(where.startswith("libpython") for _, where in native) else "other"
+    if re.match(r"libtorch|libc10", caller_where):
         return "torch's C++"
-    if "libpython" in named[-1][1]:
-        return "Python"
-    return "other"
+    return "Python" if caller_where.startswith("libpython") else "other"
 
 
 def read_stacks(path):
@@ -118,9 +132,14 @@ def summarise(path, script_name, top):
     samples = collections.Counter()
     by_category = collections.defaultdict(collections.Counter)
     by_line = collections.defaultdict(collections.Counter)
+    others = collections.defaultdict(collections.Counter)
     for thread, frames, count in read_stacks(path):
         samples[thread] += count
-        by_category[thread][category(frames)] += count
+        sort = category(frames)
+        by_category[thread][sort] += count
+        if sort == "other":
+            names = [f"{name} ({where})" for name, where in frames if name]
+            others[thread][names[-1] if names else "(no named frame)"] += count
         lines = [f"{name} ({where})" for name, where in frames if where.startswith(script_name + ":")]
         by_line[thread][lines[-1] if lines else "(not in the script)"] += count
     threads = [thread for thread, _ in samples.most_common()]
@@ -128,13 +147,15 @@ def summarise(path, script_name, top):
     print("| thread | samples | " + " | ".join(CATEGORIES) + " |")
     print("|---|---|" + "---|" * len(CATEGORIES))
     for thread in threads:
-        shares = [f"{100 * by_category[thread][c] / samples[thread]:.0f}%" for c in CATEGORIES]
+        shares = [f"{100 * by_category[thread][c] / samples[thread]:.1f}%" for c in CATEGORIES]
         print(f"| {thread} | {samples[thread]} | " + " | ".join(shares) + " |")
     for thread in threads:
         print(f"\n{thread}: where in {script_name} (innermost frame of the script), top {top}:")
         for line, count in by_line[thread].most_common(top):
             print(f"  {100 * count / samples[thread]:5.1f}%  {line}")
-    return samples, by_category
+        for frame, count in others[thread].most_common(3):
+            print(f"  other: {100 * count / samples[thread]:5.1f}%  in {frame}")
+    return samples
 
 
 def read_text(path):
@@ -150,21 +171,36 @@ def record(args):
     command = [sys.executable, args.script] + shlex.split(args.flags) + ["--exp-name", "thread_stacks"]
     print("running:", " ".join(command), flush=True)
     stderr_path = args.out + ".stderr"
+    environment = {name: value for name, value in os.environ.items() if name != "TQDM_DISABLE"}  # the bar says when training starts
     with open(stderr_path, "w") as stderr:
-        training = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        training = subprocess.Popen(command, stdout=stderr, stderr=stderr, env=environment)
     try:
-        while training.poll() is None and "0%|" not in read_text(stderr_path):
-            time.sleep(0.2)  # the progress bar's first frame: training starts
+        waiting_since = time.time()
+        while training.poll() is None and not TRAINING_STARTED.search(read_text(stderr_path)):
+            if time.time() - waiting_since > args.start_timeout:
+                return f"training did not start within --start-timeout {args.start_timeout:g} s; see {stderr_path}"
+            time.sleep(0.2)
         if training.poll() is not None:
             return f"{os.path.basename(args.script)} ended (exit code {training.returncode}) before training started; see {stderr_path}"
         sampling = subprocess.run([py_spy, "record", "--pid", str(training.pid), "--duration", str(int(args.seconds)), "--rate",
-                                   str(args.rate), "--native", "--idle", "--threads", "--format", "raw", "--output", args.out], check=False)
+                                   str(args.rate), "--native", "--idle", "--threads", "--format", "raw", "--output", args.out],
+                                  check=False, timeout=args.seconds + 120)
         if sampling.returncode != 0:
-            return f"py-spy exited with {sampling.returncode} (it reads the run's memory: as root, or with kernel.yama.ptrace_scope 0)"
+            return (f"py-spy exited with {sampling.returncode}: it reads the run's memory (ptrace), which needs root with "
+                    "CAP_SYS_PTRACE or kernel.yama.ptrace_scope 0")
+        if training.poll() is not None:
+            print(f"note: the run ended (exit code {training.returncode}) before the {args.seconds:g} s of sampling did; "
+                  f"the samples cover less; see {stderr_path}", file=sys.stderr)
+        if not os.path.isfile(args.out) or not read_text(args.out).strip():
+            return f"py-spy wrote no samples to {args.out}"
     finally:
         if training.poll() is None:  # the samples are in: stop the run (SIGTERM: it saves and exits)
             training.terminate()
-            training.wait()
+            try:
+                training.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                training.kill()
+                training.wait()
     return None
 
 
@@ -183,6 +219,9 @@ def main():
             return 2
         if not 1 <= args.rate <= 1000:
             print(f"error: --rate must be 1 to 1000 samples per second, got {args.rate}", file=sys.stderr)
+            return 2
+        if not args.start_timeout > 0:
+            print(f"error: --start-timeout must be > 0 seconds, got {args.start_timeout}", file=sys.stderr)
             return 2
         error = record(args)
         if error:
