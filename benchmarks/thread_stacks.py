@@ -39,7 +39,9 @@ script in each stack. Not sampled: threads without Python (torch's autograd devi
 driver's own). py-spy stops the process for each native sample, so the run is slower while sampled:
 read the shares, not the speed. py-spy is not a dependency of pql: `pip install py-spy` (a binary
 wheel; on a machine without the internet, carry the wheel). It reads the training process's memory
-(ptrace): allowed as root with CAP_SYS_PTRACE, or with kernel.yama.ptrace_scope 0.
+(ptrace), which a process may do to another of its user's unless Linux's Yama allows it only to
+parents (kernel.yama.ptrace_scope 1: the run asks Yama to let any process read it) or a container
+withholds it (CAP_SYS_PTRACE).
 """
 import collections
 import os
@@ -62,6 +64,19 @@ PYTHON_LOCK_WAIT = "PyThread_acquire_lock_timed"  # the one libpython frame py-s
 # libc and its kin (malloc, memcpy, ...) and OpenMP (whose threads run torch's CPU kernels): their caller decides
 SYSTEM_LIBRARIES = re.compile(r"^(libc|libstdc\+\+|ld-linux|libgcc|libm|libpthread|libgomp|libiomp5)[.-]")
 CUDA_LIBRARIES = re.compile(r"^(libcuda\.so|libcudart|libcublas)")
+# The training runs under this wrapper: where Linux's Yama lets a process be read only by its
+# parents (kernel.yama.ptrace_scope 1), it allows any process of the same user, py-spy too
+# (prctl PR_SET_PTRACER, PR_SET_PTRACER_ANY); elsewhere the call fails and changes nothing.
+LET_PY_SPY_ATTACH = """
+import ctypes, os, runpy, sys
+try:
+    ctypes.CDLL(None).prctl(0x59616D61, ctypes.c_ulong(-1), 0, 0, 0)
+except (OSError, AttributeError):
+    pass
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as `python script.py` would: its folder first
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 TRAINING_STARTED = re.compile(r"(?<![0-9])0%\|.*step")  # the progress bar's first frame: "  0%|   | 0.00/12.0M [00:00<?, ?step/s]"
 
 
@@ -168,8 +183,9 @@ def record(args):
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
     if py_spy is None:
         return "py-spy not found; install it with `pip install py-spy` (see this script's docstring)"
-    command = [sys.executable, args.script] + shlex.split(args.flags) + ["--exp-name", "thread_stacks"]
-    print("running:", " ".join(command), flush=True)
+    script_and_flags = [args.script] + shlex.split(args.flags) + ["--exp-name", "thread_stacks"]
+    print("running: python", " ".join(script_and_flags), flush=True)
+    command = [sys.executable, "-c", LET_PY_SPY_ATTACH] + script_and_flags
     stderr_path = args.out + ".stderr"
     environment = {name: value for name, value in os.environ.items() if name != "TQDM_DISABLE"}  # the bar says when training starts
     with open(stderr_path, "w") as stderr:
@@ -186,8 +202,8 @@ def record(args):
                                    str(args.rate), "--native", "--idle", "--threads", "--format", "raw", "--output", args.out],
                                   check=False, timeout=args.seconds + 120)
         if sampling.returncode != 0:
-            return (f"py-spy exited with {sampling.returncode}: it reads the run's memory (ptrace), which needs root with "
-                    "CAP_SYS_PTRACE or kernel.yama.ptrace_scope 0")
+            return (f"py-spy exited with {sampling.returncode}: it reads the run's memory (ptrace), which Yama "
+                    "(kernel.yama.ptrace_scope 2 or 3) or a container without CAP_SYS_PTRACE may refuse")
         if training.poll() is not None:
             print(f"note: the run ended (exit code {training.returncode}) before the {args.seconds:g} s of sampling did; "
                   f"the samples cover less; see {stderr_path}", file=sys.stderr)
