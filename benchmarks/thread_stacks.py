@@ -5,8 +5,8 @@
     python benchmarks/thread_stacks.py --read stacks.txt          # sort a file py-spy wrote before
 
 threaded_roles.py times pql_threaded.py's roles from inside and finds, under `--compile --bf16` on
-a GPU, an actor that spends most of its loop on a CPU outside the calls it times, and ~200 context
-switches per iteration in each thread. This script looks at that CPU time from outside: it starts
+a GPU, an actor that spends most of its loop on a CPU outside the calls it times, and 110 to 220
+context switches per iteration in each thread. This script looks at that CPU time from outside: it starts
 the script (--script, default pql_threaded.py) with --flags, waits until training starts (the
 progress bar's first frame: compiling and recording CUDA graphs come before it), then lets py-spy
 sample every Python thread's stack, Python and native frames, for --seconds, stops the run
@@ -170,7 +170,6 @@ def summarise(path, script_name, top):
             print(f"  {100 * count / samples[thread]:5.1f}%  {line}")
         for frame, count in others[thread].most_common(3):
             print(f"  other: {100 * count / samples[thread]:5.1f}%  in {frame}")
-    return samples
 
 
 def read_text(path):
