@@ -616,7 +616,9 @@ def test_thread_stacks_samples_a_toy_run_once_training_started_and_stops_it(tmp_
     assert {"MainThread", "v-learner", "p-learner"} <= set(sections), result.stdout[-3000:]
     assert "update_critic (pql_threaded.py" in sections["v-learner"] and "update_actor (pql_threaded.py" in sections["p-learner"]
     main_thread = sections["MainThread"]
-    assert "train (pql_threaded.py" in main_thread and not re.search(r"set_up_and_run|capture_cuda_graph|<module>|make_env", main_thread)
+    # The actor's loop: its own lines in train, or waiting for its rule (on a loaded machine, all of the second)
+    assert re.search(r"train \(pql_threaded.py|Coordinator.wait_until \(pql_threaded.py", main_thread)
+    assert not re.search(r"set_up_and_run|capture_cuda_graph|<module>|make_env", main_thread)
     assert len(list((tmp_path / "runs").glob("*/model.pt"))) == 1  # stopped by SIGTERM, it saved its checkpoint
 
 
