@@ -604,7 +604,7 @@ def test_thread_stacks_sorts_each_sample_by_its_innermost_frames(tmp_path):
 
 def test_thread_stacks_samples_a_toy_run_once_training_started_and_stops_it(tmp_path):
     """py-spy on a toy pql_threaded.py run sized for minutes: the samples begin at training (none in
-    the main thread's set-up), each learner's are in its own update, and the run is stopped and saved."""
+    the main thread's set-up), each thread's are in its own role's code, and the run is stopped and saved."""
     if shutil.which("py-spy") is None and shutil.which("py-spy", path=os.path.dirname(sys.executable)) is None:
         pytest.skip("py-spy is not installed (pip install py-spy)")
     flags = ("--device cpu --num-envs 16 --hidden-dims 32 32 --batch-size 64 --buffer-size 16000 --total-timesteps 10000000"
@@ -614,11 +614,16 @@ def test_thread_stacks_samples_a_toy_run_once_training_started_and_stops_it(tmp_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sections = {part.split(":")[0].strip(): part for part in result.stdout.split("\n\n")}
     assert {"MainThread", "v-learner", "p-learner"} <= set(sections), result.stdout[-3000:]
-    assert "update_critic (pql_threaded.py" in sections["v-learner"] and "update_actor (pql_threaded.py" in sections["p-learner"]
-    main_thread = sections["MainThread"]
-    # The actor's loop: its own lines in train, or waiting for its rule (on a loaded machine, all of the second)
-    assert re.search(r"train \(pql_threaded.py|Coordinator.wait_until \(pql_threaded.py", main_thread)
-    assert not re.search(r"set_up_and_run|capture_cuda_graph|<module>|make_env", main_thread)
+    # Each thread's samples are in its own role's code: in its update or its loop, or waiting for its rule
+    # (on a loaded machine a thread can wait the whole sampled second, so waiting counts), never in another
+    # role's code; the main thread's begin at the actor's loop, none in the set-up.
+    own = {"v-learner": r"update_critic|v_learner_step|v_learner", "p-learner": r"update_actor|p_learner_step|p_learner",
+           "MainThread": r"train|explore"}
+    for thread, own_code in own.items():
+        assert re.search(rf"({own_code}|Coordinator.wait_until) \(pql_threaded.py", sections[thread]), sections[thread]
+        others = "|".join(code for name, code in own.items() if name != thread)
+        assert not re.search(rf"\b({others}) \(pql_threaded.py", sections[thread]), sections[thread]
+    assert not re.search(r"set_up_and_run|capture_cuda_graph|<module>|make_env", sections["MainThread"])
     assert len(list((tmp_path / "runs").glob("*/model.pt"))) == 1  # stopped by SIGTERM, it saved its checkpoint
 
 
