@@ -371,9 +371,11 @@ def catch_stop_signals():
 
 def progress_bar(total):
     """A progress bar that refreshes ten times a second on a terminal, and once a minute when the
-    output goes to a log file, which would otherwise fill with refreshes."""
+    output goes to a log file, which would otherwise fill with refreshes. miniters=1: without it,
+    tqdm's monitor thread, which wakes every ten seconds, adds a refresh between those (two a minute)."""
     on_terminal = sys.stderr.isatty()
-    return tqdm(total=total, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=0.1 if on_terminal else 60.0)
+    return tqdm(total=total, unit="step", unit_scale=True, dynamic_ncols=True, miniters=1,
+                mininterval=0.1 if on_terminal else 60.0)
 
 
 def start_run(args, reward_scale):

@@ -3,6 +3,7 @@ import copy
 import ctypes
 import glob
 import importlib
+import io
 import math
 import os
 import re
@@ -933,6 +934,34 @@ def test_a_late_ctrl_c_cannot_turn_the_exit_into_a_kill(script):
             signal.signal(stop_signal, handler)
     source = open(os.path.join(REPO, f"{script}.py")).read()
     assert source.rstrip().endswith('if __name__ == "__main__":\n    exit_ignoring_stop_signals(main())')
+
+
+def test_progress_bar_in_a_log_file_refreshes_once_per_interval_and_no_more(monkeypatch):
+    """Output to a file: one refresh per interval (a minute in the scripts, half a second here), none
+    added between them by tqdm's monitor thread (which checks every ten seconds, here every 0.05)."""
+    import tqdm as tqdm_module
+
+    def fresh_monitor():  # the monitor thread is tqdm's, started with the first bar after this
+        if tqdm_module.tqdm.monitor is not None:
+            tqdm_module.tqdm.monitor.exit()
+            tqdm_module.tqdm.monitor = None
+
+    log = io.StringIO()  # not a terminal
+    monkeypatch.setattr(tqdm_module.tqdm, "monitor_interval", 0.05)
+    monkeypatch.setattr(sys, "stderr", log)
+    fresh_monitor()
+    try:
+        bar = pql.progress_bar(10**6)
+        bar.mininterval, bar.maxinterval = 0.5, 0.05  # the scripts' minute and tqdm's ten seconds, scaled
+        started = time.time()
+        while time.time() - started < 2.6:
+            bar.update(64)
+            time.sleep(0.005)
+        elapsed = time.time() - started
+        bar.close()
+    finally:
+        fresh_monitor()
+    assert 3 <= log.getvalue().count("\r") <= 2 + elapsed // 0.5  # the first frame, one per interval, the last
 
 
 PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None  # looked up here, not in a forked child
