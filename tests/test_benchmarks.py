@@ -553,7 +553,9 @@ def test_threaded_roles_times_each_role_of_one_run(tmp_path):
     def share(role, column):  # the percentage in a column (0: loop s, 1: waiting for its rule, ...)
         cell = rows[role].split("|")[2 + column]
         return float(re.search(r"\((\d+)%\)", cell).group(1))
-    assert share("actor", 1) > 30 and share("v-learner", 1) < 25
+    # Compared with each other, not with fixed shares: a loaded machine that descheduled the actor would
+    # count as the V-learner's waiting for data (its updates are about ten times the actor's work here).
+    assert share("actor", 1) > share("v-learner", 1)
     assert (tmp_path / "runs").is_dir()  # the run itself wrote its logs where it ran
 
 
@@ -610,7 +612,7 @@ def test_thread_stacks_samples_a_toy_run_once_training_started_and_stops_it(tmp_
     flags = ("--device cpu --num-envs 16 --hidden-dims 32 32 --batch-size 64 --buffer-size 16000 --total-timesteps 10000000"
              " --eval-envs 0 --max-time 100")  # --max-time: a run left behind by a failed test ends by itself
     result = subprocess.run([sys.executable, os.path.join(BENCH, "thread_stacks.py"), f"--flags={flags}", "--seconds", "1", "--top", "100"],
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sections = {part.split(":")[0].strip(): part for part in result.stdout.split("\n\n")}
     assert {"MainThread", "v-learner", "p-learner"} <= set(sections), result.stdout[-3000:]

@@ -100,7 +100,7 @@ def test_ctrl_c_and_sigterm_save_and_exit_cleanly(tmp_path, signal_to_send, exit
     assert returncode == exit_code, err
     assert f"({signal_to_send.name}); saving" in err and "Traceback" not in err
     assert f"interrupted at env step {global_step} " in err and global_step > 0
-    assert seconds_to_exit < 15
+    assert seconds_to_exit < 45  # the last log, the join, the save and the exit, with room for a loaded machine
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -125,21 +125,27 @@ POISON_CRITIC = textwrap.dedent('''
     import os
     import signal
     import sys
-    import time
+    import threading
     import torch
     sys.path.insert(0, {repo!r})
     import pql_threaded
     original_update, calls = pql_threaded.update_critic, [0]
+    original_stop, stopped = pql_threaded.Coordinator.stop, threading.Event()
+
+    def stop(coordinator, error=None):
+        original_stop(coordinator, error)
+        stopped.set()
 
     def poisoned(critic, *args, **kwargs):
         calls[0] += 1
         if calls[0] == 30:  # SIGTERM comes; then, before the V-learner has stopped, its critic diverges
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1.0)  # meanwhile the actor's loop stops, and its last log sees only finite losses
+            stopped.wait(60)  # meanwhile the actor's loop stops, its last log sees only finite losses, and it stops the roles
             with torch.no_grad():
                 next(critic.parameters()).fill_(float("nan"))
         return original_update(critic, *args, **kwargs)
 
+    pql_threaded.Coordinator.stop = stop
     pql_threaded.update_critic = poisoned
     sys.argv = ["pql_threaded.py", *{args!r}]
     sys.exit(pql_threaded.main())
@@ -147,8 +153,8 @@ POISON_CRITIC = textwrap.dedent('''
 
 
 def test_a_loss_that_turns_nonfinite_after_the_last_log_never_reaches_the_checkpoint(tmp_path):
-    # SIGTERM during the critic's 30th update, which turns its loss non-finite a second later, after
-    # the actor's loop has stopped and made its last log: no log saw the non-finite loss, so only the
+    # SIGTERM during the critic's 30th update, which turns its loss non-finite once the actor's loop
+    # has stopped, made its last log and told the roles to stop: no log saw the non-finite loss, so only the
     # look at the learners' counters after they stopped can keep it out of the final checkpoint.
     code = POISON_CRITIC.format(repo=REPO, args=SMALL + ["--total-timesteps", str(1000 * 16), "--log-interval", "1000"])
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -250,7 +256,7 @@ STUCK_LEARNER = textwrap.dedent('''
 
     def stuck(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == 30:
+        if calls[0] == 1:  # the first: the run gets here however slow the machine is
             threading.Event().wait()  # never returns, like a thread stuck on a hung GPU
         return original(*args, **kwargs)
 
@@ -337,7 +343,8 @@ def test_learners_draw_and_gather_their_samples_outside_the_lock(monkeypatch, tm
             coordinators.append(self)
 
     def try_the_lock_from_another_thread():
-        acquired = coordinators[0].lock.acquire(timeout=1.0)
+        # 10 s: a lock holder descheduled on a loaded machine is not a lock held; after a miss, no more waits
+        acquired = coordinators[0].lock.acquire(timeout=10.0 if all(lock_was_free) else 0)
         if acquired:
             coordinators[0].lock.release()
         lock_was_free.append(acquired)
