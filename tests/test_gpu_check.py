@@ -156,7 +156,7 @@ def test_main_exits_1_and_lists_the_failed_runs(monkeypatch, tmp_path, capsys):
 
 def test_a_run_past_the_timeout_is_stopped_and_its_output_kept(tmp_path):
     command = [sys.executable, "-c", "print('started', flush=True); import time; time.sleep(120)"]
-    code, output, seconds = gpu_check.execute(command, tmp_path, tmp_path / "train.log", timeout=10, tiny=False)
+    code, output, seconds = gpu_check.execute(command, tmp_path, tmp_path / "train.log", timeout=5, tiny=False)
     assert code is None and "started" in output and seconds < 60
     assert "started" in (tmp_path / "train.log").read_text()
     row = gpu_check.summarize(gpu_check.Run("pql.py"), synthetic_scalars(), NUM_ENVS, code, -150.0, None)
