@@ -1530,8 +1530,8 @@ def set_up_and_run(args):
         return 0
     # The roles hand Python's GIL to each other around every torch call; a thread that wants it back
     # while another runs Python waits up to the switch interval. A tenth of Python's default ran this
-    # script 3-7% faster on the GPU and at toy sizes on the CPU, with no clear difference on the CPU
-    # quick start or mjlab, and never clearly slower (docs/gpu.md).
+    # script 3-7% faster on the GPU, at toy sizes on the CPU and on mjlab in pairs on the CPU; on the
+    # CPU quick start, and in an unpaired mjlab rerun, no clear difference; never clearly slower (docs/gpu.md).
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     try:

@@ -903,6 +903,7 @@ def interrupt_run(script, args, tmp_path, signal_to_send=signal.SIGINT):
         process.communicate(timeout=60)
     finally:
         process.kill()
+        process.wait()  # reaped, whichever way the test went
     err = stderr_path.read_text()
     seconds_to_exit = time.time() - signalled
     checkpoints = glob.glob(str(tmp_path / "runs" / "*" / "model.pt"))
@@ -961,7 +962,7 @@ def test_progress_bar_in_a_log_file_refreshes_once_per_interval_and_no_more(monk
     try:
         bar = pql.progress_bar(10**6)
         bar.mininterval, bar.maxinterval = 0.5, 0.05  # the scripts' minute and tqdm's ten seconds, scaled
-        started = time.time()
+        started = bar.last_print_t  # the first frame's time
         while time.time() - started < 2.6:
             bar.update(64)
             time.sleep(0.005)
