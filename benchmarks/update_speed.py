@@ -17,6 +17,12 @@ stalls; the mean is printed beside it):
     graphs    the same steps recorded as CUDA graphs, as --cuda-graphs runs them (CUDA only)
     compile-graphs  compiled, then recorded as CUDA graphs, as --compile --cuda-graphs run them (CUDA only)
 
+A path named with "@REF" at the end (e.g. eager@18964d9, graphs+tf32@/tmp/pql_old.py) runs that path on
+pql.py as of REF, a git commit or a file holding that version, instead of the pql.py beside this
+script: one change measured against the code before it in one run, on a GPU machine too, whose copy
+of the working tree has no git history (carry the old file: `git show REF:pql.py > old_pql.py`).
+REF's pql.py must have today's learner steps (v_learner_step, RandomDraws; 2026-11-27 and later).
+
 A path named with "+tf32" (e.g. graphs+tf32) runs with TF32 matrix products, as --tf32 does
 (CUDA only; the scripts' default there since 2026-11-27): float32 numbers, multiplied on the tensor
 cores with 10-bit mantissas. Without it the paths multiply in full float32. One named with
@@ -33,6 +39,7 @@ the gap between what the updates do and what they could do shows.
     python benchmarks/update_speed.py --device cuda --sizes default --paths graphs graphs+bf16 compile-graphs+tf32 compile-graphs+bf16
     python benchmarks/update_speed.py --paths before eager compile
     python benchmarks/update_speed.py --sizes quick-start --paths eager --profile   # where the time goes
+    python benchmarks/update_speed.py --sizes quick-start --paths eager@HEAD eager   # the working tree's change against HEAD
 """
 import copy
 import functools
@@ -117,35 +124,49 @@ def update_flops(hidden_dims, batch):
     return v_update, p_update
 
 
-def load_pql_before():
-    """pql.py as of BEFORE_FAST_PATH, as a module of its own (it needs git and the repository's history).
-
-    Where the repository travels without its history (a copy of the working tree on a GPU machine),
-    PQL_BEFORE_SOURCE names a file holding `git show BEFORE_FAST_PATH:pql.py` instead."""
-    path = os.environ.get("PQL_BEFORE_SOURCE")
-    if not path:
-        source = subprocess.run(["git", "show", f"{BEFORE_FAST_PATH}:pql.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-        path = os.path.join(tempfile.mkdtemp(), "pql_before.py")
+def load_pql_at(ref, name):
+    """pql.py as of `ref`, as a module of its own called `name`: `ref` is a file holding that pql.py,
+    or else a git commit (read with `git show`, which needs the repository's history)."""
+    path = ref
+    if not os.path.isfile(path):
+        source = subprocess.run(["git", "show", f"{ref}:pql.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        path = os.path.join(tempfile.mkdtemp(), f"{name}.py")
         with open(path, "w") as f:
             f.write(source)
-    spec = importlib.util.spec_from_file_location("pql_before", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_pql_before():
+    """pql.py as of BEFORE_FAST_PATH, as a module of its own.
+
+    Where the repository travels without its history (a copy of the working tree on a GPU machine),
+    PQL_BEFORE_SOURCE names a file holding `git show BEFORE_FAST_PATH:pql.py` instead."""
+    return load_pql_at(os.environ.get("PQL_BEFORE_SOURCE") or BEFORE_FAST_PATH, "pql_before")
 
 
 class Learners:
     """One code path's learner state for one size, on the same random transitions."""
 
     def __init__(self, path, hidden_dims, batch_size, device, seed):
+        path, _, ref = path.partition("@")
         path, _, precision = path.partition("+")
+        if path == "before" and ref:
+            raise ValueError("@ is not for before, which is pql.py at a fixed commit; name another path")
         if precision == "tf32" and device.type != "cuda":
             raise ValueError(f"+{precision} needs --device cuda")
         if precision == "bf16" and path == "before":
             raise ValueError("+bf16 is not for before: the code before had no --bf16")
         self.tf32 = precision == "tf32"
         torch.backends.cuda.matmul.allow_tf32 = self.tf32  # as it will be for this path's calls (and captures)
-        module = load_pql_before() if path == "before" else pql
+        if path == "before":
+            module = load_pql_before()
+        elif ref:
+            module = load_pql_at(ref, "pql_at_" + "".join(c if c.isalnum() else "_" for c in ref))
+        else:
+            module = pql
         torch.manual_seed(seed)
         args = self.args = module.Args(hidden_dims=hidden_dims, batch_size=batch_size, **({"bf16": True} if precision == "bf16" else {}))
         self.buffer = module.ReplayBuffer(64, 1000, OBS_DIM, ACT_DIM, device)
@@ -171,23 +192,23 @@ class Learners:
         graphs = path in ("graphs", "compile-graphs")
         if graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need --device cuda")
-        self.actor_optimizer = pql.make_optimizer(self.actor.parameters(), args.actor_lr, capturable=graphs)
-        self.critic_optimizer = pql.make_optimizer(self.critic.parameters(), args.critic_lr, capturable=graphs)
+        self.actor_optimizer = module.make_optimizer(self.actor.parameters(), args.actor_lr, capturable=graphs)
+        self.critic_optimizer = module.make_optimizer(self.critic.parameters(), args.critic_lr, capturable=graphs)
         stats = self.stats = {name: torch.zeros((), device=device) for name in
                  ["critic_loss", "q_mean", "outside_support", "critic_nonfinite", "actor_loss", "actor_nonfinite"]}
-        v_step, p_step = (torch.compile(pql.v_learner_step), torch.compile(pql.p_learner_step)) if path.startswith("compile") else (
-            pql.v_learner_step, pql.p_learner_step)
+        v_step, p_step = (torch.compile(module.v_learner_step), torch.compile(module.p_learner_step)) if path.startswith("compile") else (
+            module.v_learner_step, module.p_learner_step)
         window = self.buffer.window
-        self.v_draws = pql.RandomDraws(batch_size, 64, ACT_DIM, device)
-        self.p_draws = pql.RandomDraws(batch_size, 64, 0, device)
+        self.v_draws = module.RandomDraws(batch_size, 64, ACT_DIM, device)
+        self.p_draws = module.RandomDraws(batch_size, 64, 0, device)
         self.v_step = functools.partial(v_step, self.buffer, window, self.v_draws, self.critic, self.critic_target, self.critic_optimizer,
                                         self.target_policy, self.normalizer, stats, args)
         self.p_step = functools.partial(p_step, self.buffer, window, self.p_draws, self.actor, self.actor_optimizer, self.policy_critic,
                                         self.normalizer, stats, args)
         if graphs:  # as pql.py records them
-            self.v_step = pql.capture_cuda_graph(self.v_step, [*self.critic.parameters(), *self.critic_target.parameters(),
+            self.v_step = module.capture_cuda_graph(self.v_step, [*self.critic.parameters(), *self.critic_target.parameters(),
                                                                *stats.values()], self.critic_optimizer, device)
-            self.p_step = pql.capture_cuda_graph(self.p_step, [*self.actor.parameters(), *stats.values()], self.actor_optimizer, device)
+            self.p_step = module.capture_cuda_graph(self.p_step, [*self.actor.parameters(), *stats.values()], self.actor_optimizer, device)
 
     def before_v_step(self):
         batch = self.buffer.sample(self.args.batch_size, self.args.nstep, self.args.gamma)
@@ -220,7 +241,8 @@ def rate(per_second):
 
 def main():
     args = tyro.cli(Args)
-    unknown = [p for p in args.paths if p.partition("+")[0] not in PATHS or p.partition("+")[2] not in ("", "tf32", "bf16")]
+    names = [p.partition("@")[0] for p in args.paths]  # without the @REF
+    unknown = [p for p in names if p.partition("+")[0] not in PATHS or p.partition("+")[2] not in ("", "tf32", "bf16")]
     if unknown or not args.paths or any(s not in SIZES for s in args.sizes) or not args.sizes or args.seconds <= 0:
         print(f"error: --paths must be among {', '.join(PATHS)}, each optionally with +tf32 or +bf16 (got {list(args.paths)}), --sizes among"
               f" {', '.join(SIZES)} (got {list(args.sizes)}), --seconds > 0", file=sys.stderr)
@@ -228,17 +250,18 @@ def main():
     device = pql.resolve_device(args.device)
     peak = {"": matmul_flops_per_second(device)}
     throughput = f"matmul throughput {peak[''] / 1e9:.1f} GFLOP/s (float32)"
-    if any(path.endswith("+tf32") for path in args.paths) and device.type == "cuda":
+    if any(name.endswith("+tf32") for name in names) and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         peak["tf32"] = matmul_flops_per_second(device)
         torch.backends.cuda.matmul.allow_tf32 = False
         throughput += f", {peak['tf32'] / 1e9:.1f} GFLOP/s (float32 through TF32; the limit of the +tf32 paths)"
-    if any(path.endswith("+bf16") for path in args.paths):
+    if any(name.endswith("+bf16") for name in names):
         peak["bf16"] = matmul_flops_per_second(device, dtype=torch.bfloat16)
         throughput += f", {peak['bf16'] / 1e9:.1f} GFLOP/s (bfloat16; the limit of the +bf16 paths)"
     print(f"update_speed.py on {machine_name(device)}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; {throughput}\n")
+    baseline = "before" if "before" in args.paths else args.paths[0]  # the speed-ups are over it
     print("| size | path | V-updates/s | P-updates/s | iteration (8 V + 4 P) ms, median | mean | arithmetic limit, iteration ms |"
-          " x limit | speed-up over before |")
+          f" x limit | speed-up over {baseline} |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         hidden_dims, batch_size = SIZES[size]
@@ -255,7 +278,7 @@ def main():
                 if path.startswith("compile"):
                     print(f"# {size}, {path}: set-up with compiling and two warm-up iterations took {time.perf_counter() - start:.1f} s")
                 paths[path] = learners
-            except (RuntimeError, ValueError, subprocess.CalledProcessError) as error:  # no git history; graphs on a CPU
+            except (RuntimeError, ValueError, AttributeError, subprocess.CalledProcessError) as error:  # no git history; graphs on a CPU; a REF too old
                 print(f"# {size}: path {path} unavailable here: {str(error).splitlines()[0]}")
         times = {path: [] for path in paths}  # seconds of each timed iteration
         end = time.perf_counter() + args.seconds * len(paths)
@@ -268,8 +291,8 @@ def main():
         median = {path: statistics.median(seconds) for path, seconds in times.items()}
         for path in paths:
             iteration_s = median[path]
-            speed_up = f"{median['before'] / iteration_s:.2f}x" if "before" in paths else "-"
-            limit = limits[path.partition("+")[2]]
+            speed_up = f"{median[baseline] / iteration_s:.2f}x" if baseline in paths else "-"
+            limit = limits[path.partition("@")[0].partition("+")[2]]
             print(f"| {size} | {path} | {rate(V_UPDATES / iteration_s)} | {rate(P_UPDATES / iteration_s)} | {1000 * iteration_s:.1f} |"
                   f" {1000 * statistics.mean(times[path]):.1f} | {1000 * limit:.2f} | {iteration_s / limit:.0f} | {speed_up} |")
         if args.profile:

@@ -358,6 +358,23 @@ def test_update_speed_counts_flops_and_times_each_path():
     assert rows[0].endswith("| 1.00x |") and float(rows[0].split(" | ")[2].replace(",", "")) > 0
 
 
+def test_update_speed_runs_a_path_on_pql_py_from_another_commit_or_file(tmp_path):
+    """PATH@REF: the same path on pql.py as of a git commit, or from a file (a GPU machine's copy of the
+    working tree has no history). The file's own code must run: here its V-step raises."""
+    source = open(os.path.join(REPO, "pql.py")).read()
+    assert "\ndef v_learner_step(" in source
+    (tmp_path / "old_pql.py").write_text(source.replace("\ndef v_learner_step(", "\ndef v_learner_step(*_, **__):\n"
+                                                         "    raise RuntimeError('the V-step of the file')\n\n\ndef unused(", 1))
+    out = run_script("update_speed.py", "--sizes", "quick-start", "--paths", "eager@HEAD", "eager", f"eager@{tmp_path / 'old_pql.py'}",
+                     "eager@1cedf45", "before@HEAD", "--seconds", "0.5")
+    rows = table_rows(out, "quick-start")
+    assert [row.split(" | ")[1] for row in rows] == ["eager@HEAD", "eager"], out
+    assert "speed-up over eager@HEAD |" in out and rows[0].endswith("| 1.00x |"), out
+    assert "old_pql.py unavailable here: the V-step of the file" in out, out
+    assert "path eager@1cedf45 unavailable here: module 'pql_at_1cedf45' has no attribute" in out, out  # before the learner steps
+    assert "path before@HEAD unavailable here: @ is not for before" in out, out
+
+
 def test_gym_speed_times_every_path_and_the_adapters_share():
     out = run_script("gym_speed.py", "--tasks", "Hopper-v5", "--num-envs", "2", "--steps", "20", "--repeats", "1")
     (row,) = table_rows(out, "Hopper-v5 | 2 |")
