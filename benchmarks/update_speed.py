@@ -85,7 +85,7 @@ class Args:
     seed: int = 0
     """seed of the networks and the random transitions"""
     profile: bool = False
-    """after the table, torch.profiler's ops with the most self time in 5 iterations of each path and size"""
+    """after the table, torch.profiler's ops with the most self time in 5 iterations of each path and size (on CUDA by input shapes)"""
 
 
 def synchronize(device):
@@ -297,13 +297,15 @@ def main():
                   f" {1000 * statistics.mean(times[path]):.1f} | {1000 * limit:.2f} | {iteration_s / limit:.0f} | {speed_up} |")
         if args.profile:
             for path, learners in paths.items():
-                with torch.profiler.profile() as profiler:
+                # On CUDA one row per op and input shapes, so that each matrix product's kernel time shows
+                # apart (on the CPU recording them added about 40% to the ops' own times, so not there).
+                with torch.profiler.profile(record_shapes=device.type == "cuda") as profiler:
                     for _ in range(5):
                         learners.iteration()
                     synchronize(device)
                 print(f"\n# {size}, {path}: the ops with the most self time over 5 iterations\n")
-                print(profiler.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
-                                                    row_limit=12))
+                print(profiler.key_averages(group_by_input_shape=device.type == "cuda").table(
+                    sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=16, max_shapes_column_width=60))
     return 0
 
 
