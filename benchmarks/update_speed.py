@@ -77,7 +77,7 @@ class Args:
     sizes: Tuple[str, ...] = ("quick-start", "default")
     """network and batch sizes to time: quick-start (64-64, batch 1024) and default (512-256-128, batch 8192)"""
     paths: Tuple[str, ...] = ("before", "eager")
-    """code paths to time: before, eager, compile, graphs (CUDA only), compile-graphs (CUDA only); +tf32 after one: with TF32 matmuls (CUDA only); +bf16: under bfloat16 autocast (--bf16)"""
+    """code paths to time: before, eager, compile, graphs (CUDA only), compile-graphs (CUDA only); +tf32 after one: with TF32 matmuls (CUDA only); +bf16: under bfloat16 autocast (--bf16); @REF at the end: on pql.py as of REF, a git commit or a file"""
     device: str = "cpu"
     """device of the networks and the buffer"""
     seconds: float = 10.0
@@ -125,14 +125,17 @@ def update_flops(hidden_dims, batch):
 
 
 def load_pql_at(ref, name):
-    """pql.py as of `ref`, as a module of its own called `name`: `ref` is a file holding that pql.py,
-    or else a git commit (read with `git show`, which needs the repository's history)."""
-    path = ref
-    if not os.path.isfile(path):
-        source = subprocess.run(["git", "show", f"{ref}:pql.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    """pql.py as of `ref`, as a module of its own called `name`: `ref` is a file holding that pql.py
+    (its path from here or from the repository's root), or else a git commit (read with `git show`,
+    which needs the repository's history)."""
+    path = next((p for p in (ref, os.path.join(REPO, ref)) if os.path.isfile(p)), None)
+    if path is None:
+        git = subprocess.run(["git", "show", f"{ref}:pql.py"], cwd=REPO, capture_output=True, text=True, check=False)
+        if git.returncode != 0:
+            raise ValueError(f"{ref} is neither a file nor a commit of this repository: {git.stderr.strip()}")
         path = os.path.join(tempfile.mkdtemp(), f"{name}.py")
         with open(path, "w") as f:
-            f.write(source)
+            f.write(git.stdout)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -165,6 +168,10 @@ class Learners:
             module = load_pql_before()
         elif ref:
             module = load_pql_at(ref, "pql_at_" + "".join(c if c.isalnum() else "_" for c in ref))
+            missing = [name for name in ("v_learner_step", "p_learner_step", "RandomDraws", "make_optimizer", "capture_cuda_graph")
+                       if not hasattr(module, name)]
+            if missing:
+                raise ValueError(f"pql.py at {ref} has no {', '.join(missing)}: @REF needs the learner steps of 2026-11-27 or later")
         else:
             module = pql
         torch.manual_seed(seed)
@@ -243,8 +250,9 @@ def main():
     args = tyro.cli(Args)
     names = [p.partition("@")[0] for p in args.paths]  # without the @REF
     unknown = [p for p in names if p.partition("+")[0] not in PATHS or p.partition("+")[2] not in ("", "tf32", "bf16")]
+    unknown += [p for p in args.paths if p.endswith("@")]
     if unknown or not args.paths or any(s not in SIZES for s in args.sizes) or not args.sizes or args.seconds <= 0:
-        print(f"error: --paths must be among {', '.join(PATHS)}, each optionally with +tf32 or +bf16 (got {list(args.paths)}), --sizes among"
+        print(f"error: --paths must be among {', '.join(PATHS)}, each optionally with +tf32 or +bf16 and then @REF (got {list(args.paths)}), --sizes among"
               f" {', '.join(SIZES)} (got {list(args.sizes)}), --seconds > 0", file=sys.stderr)
         return 2
     device = pql.resolve_device(args.device)
@@ -278,7 +286,7 @@ def main():
                 if path.startswith("compile"):
                     print(f"# {size}, {path}: set-up with compiling and two warm-up iterations took {time.perf_counter() - start:.1f} s")
                 paths[path] = learners
-            except (RuntimeError, ValueError, AttributeError, subprocess.CalledProcessError) as error:  # no git history; graphs on a CPU; a REF too old
+            except (RuntimeError, ValueError) as error:  # no git history; graphs on a CPU; a REF too old
                 print(f"# {size}: path {path} unavailable here: {str(error).splitlines()[0]}")
         times = {path: [] for path in paths}  # seconds of each timed iteration
         end = time.perf_counter() + args.seconds * len(paths)
@@ -298,7 +306,7 @@ def main():
         if args.profile:
             for path, learners in paths.items():
                 # On CUDA one row per op and input shapes, so that each matrix product's kernel time shows
-                # apart (on the CPU recording them added about 40% to the ops' own times, so not there).
+                # apart (on the CPU recording the shapes slows the very ops it times, so not there).
                 with torch.profiler.profile(record_shapes=device.type == "cuda") as profiler:
                     for _ in range(5):
                         learners.iteration()

@@ -365,13 +365,14 @@ def test_update_speed_runs_a_path_on_pql_py_from_another_commit_or_file(tmp_path
     assert "\ndef v_learner_step(" in source
     (tmp_path / "old_pql.py").write_text(source.replace("\ndef v_learner_step(", "\ndef v_learner_step(*_, **__):\n"
                                                          "    raise RuntimeError('the V-step of the file')\n\n\ndef unused(", 1))
-    out = run_script("update_speed.py", "--sizes", "quick-start", "--paths", "eager@HEAD", "eager", f"eager@{tmp_path / 'old_pql.py'}",
-                     "eager@1cedf45", "before@HEAD", "--seconds", "0.5")
+    out = run_script("update_speed.py", "--sizes", "quick-start", "--paths", "eager@HEAD", "eager", "eager+bf16@HEAD",
+                     f"eager@{tmp_path / 'old_pql.py'}", "eager@1cedf45", "eager@no-such-ref", "before@HEAD", "--seconds", "0.5")
     rows = table_rows(out, "quick-start")
-    assert [row.split(" | ")[1] for row in rows] == ["eager@HEAD", "eager"], out
+    assert [row.split(" | ")[1] for row in rows] == ["eager@HEAD", "eager", "eager+bf16@HEAD"], out
     assert "speed-up over eager@HEAD |" in out and rows[0].endswith("| 1.00x |"), out
     assert "old_pql.py unavailable here: the V-step of the file" in out, out
-    assert "path eager@1cedf45 unavailable here: module 'pql_at_1cedf45' has no attribute" in out, out  # before the learner steps
+    assert "path eager@1cedf45 unavailable here: pql.py at 1cedf45 has no v_learner_step, p_learner_step, RandomDraws" in out, out
+    assert "path eager@no-such-ref unavailable here: no-such-ref is neither a file nor a commit of this repository" in out, out
     assert "path before@HEAD unavailable here: @ is not for before" in out, out
 
 
